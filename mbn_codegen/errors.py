@@ -1,0 +1,45 @@
+"""Named errors. Each message says what is wrong and how to fix it."""
+
+
+class MbnError(Exception):
+    """Base class: the CLI prints these without a traceback and exits 2."""
+
+
+class VersionMismatchError(MbnError):
+    pass
+
+
+class ModelConfigError(MbnError):
+    """An alpha, resolution, class count or model name that cannot work."""
+
+
+class OnnxModelError(MbnError):
+    """A malformed, truncated or unsupported ONNX file."""
+
+
+class UnknownTargetError(MbnError):
+    pass
+
+
+class CrossCompilerMissingError(MbnError):
+    pass
+
+
+class InputShapeError(MbnError):
+    pass
+
+
+class InputDtypeError(MbnError):
+    pass
+
+
+class ArchitectureMismatchError(MbnError):
+    """An artifact built for another CPU architecture or device."""
+
+
+class ArtifactError(MbnError):
+    """A missing or inconsistent artifact directory (manifest, checksum)."""
+
+
+class SelfCheckError(MbnError):
+    pass

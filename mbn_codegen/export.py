@@ -1,0 +1,102 @@
+"""PyTorch -> ONNX, and validation of ONNX files (ours or a user's)."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OnnxModelError
+
+OPSET = 17          # the TorchScript exporter's mature opset; TVM's ONNX frontend covers it fully
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_onnx(model, path: str | os.PathLike, resolution: int | None = None,
+                fold_batchnorm: bool = True) -> Path:
+    """Export an eval-mode model with input (1, 3, R, R) float32 NCHW, then check it.
+
+    fold_batchnorm=False keeps BatchNormalization nodes (as many users' ONNX files have) so that
+    our own Relax BN-folding phase is exercised.
+    """
+    import torch
+
+    res = resolution or getattr(model, "resolution", 224)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(1, 3, res, res)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), str(path), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
+                          do_constant_folding=fold_batchnorm)
+    load_onnx(path)
+    return path
+
+
+def load_onnx(path: str | os.PathLike):
+    """Load and check an ONNX file; a clear OnnxModelError for anything unusable."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError, truncated file, wrong format
+        raise OnnxModelError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); the file is malformed "
+            "or truncated: re-export it (torch.onnx.export) or check the download") from None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise OnnxModelError(f"{path} fails onnx.checker: {str(e).splitlines()[0]}; "
+                             "re-export it with a current exporter") from None
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise OnnxModelError(f"{path} has {len(inputs)} inputs {[i[0] for i in inputs]}; "
+                             "an image classifier with exactly one image input is expected")
+    name, shape, dtype = inputs[0]
+    if len(shape) != 4 or shape[1] != 3:
+        raise OnnxModelError(f"{path}: input {name!r} has shape {shape}; expected NCHW (1, 3, H, W). "
+                             "Export with a fixed NCHW image input")
+    if dtype != "float32":
+        raise OnnxModelError(f"{path}: input {name!r} is {dtype}; only float32 models are supported")
+    return model
+
+
+def graph_inputs(model) -> list[tuple[str, list, str]]:
+    """(name, shape, dtype) of the real inputs (initializers excluded); unknown dims as None."""
+    import onnx
+
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        out.append((i.name, dims, str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))))
+    return out
+
+
+def fix_input_shape(model, batch: int = 1) -> tuple[str, tuple[int, ...]]:
+    """The single input's name and a concrete shape (symbolic batch -> `batch`)."""
+    name, shape, _ = graph_inputs(model)[0]
+    if shape[0] is None:
+        shape[0] = batch
+    if any(d is None for d in shape[1:]):
+        raise OnnxModelError(f"input {name!r} has symbolic spatial dims {shape}; export with a fixed "
+                             "resolution (MobileNet needs one) or pass --resolution")
+    return name, tuple(int(d) for d in shape)
+
+
+def onnxruntime_run(path: str | os.PathLike, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]

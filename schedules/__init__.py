@@ -1,0 +1,1 @@
+"""Our depthwise and pointwise schedules (issue 3)."""

@@ -1,0 +1,1 @@
+"""Board and device targets as data: one TOML file per target (see mbn_codegen.targets_api)."""
