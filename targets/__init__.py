@@ -1,1 +1,104 @@
-"""Board and device targets as data: one TOML file per target (see mbn_codegen.targets_api)."""
+"""Targets as data: one TOML file per board in this folder (installed as mbn_codegen.targets).
+
+A file holds the TVM target dict (`[target]`, and `[host]` for GPUs), the CPU architecture that
+runs the library, the cross compiler that links it, and how to run it from an x86 workstation.
+`--target` takes a file's name (`arm64`) or a path to your own file of the same shape.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mbn_codegen.errors import CrossCompilerMissingError, UnknownTargetError
+
+HERE = Path(__file__).parent
+ARCHES = ("x86_64", "aarch64")
+DEVICES = ("cpu", "cuda")
+RUNS = ("native", "qemu", "gpu")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    arch: str
+    device: str
+    run: str
+    target: dict
+    host: dict | None = None
+    cross_compiler: str = ""
+    cross_compiler_package: str = ""
+    cuda_arch: str = ""
+    required_cpu_flags: tuple[str, ...] = ()
+    path: str = ""
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def tvm_dict(self) -> dict:
+        """The dict that tvm.target.Target accepts; native CPU targets get this machine's cores."""
+        t = dict(self.target)
+        if self.device == "cpu" and self.run == "native" and "num-cores" not in t:
+            t["num-cores"] = os.cpu_count() or 1
+        if self.host is not None:
+            h = dict(self.host)
+            if self.arch == "x86_64" and "num-cores" not in h:
+                h["num-cores"] = os.cpu_count() or 1
+            t["host"] = h
+        return t
+
+    def tvm_target(self):
+        from mbn_codegen._tvm import Target
+        return Target(self.tvm_dict())
+
+    def compiler(self) -> str | None:
+        """The C++ compiler that links the library (None = TVM's default, the host's)."""
+        if not self.cross_compiler:
+            return None
+        if shutil.which(self.cross_compiler) is None:
+            raise CrossCompilerMissingError(
+                f"target {self.name!r} links with {self.cross_compiler}, which is not on PATH: "
+                f"install it with `sudo apt-get install {self.cross_compiler_package or self.cross_compiler}`")
+        return self.cross_compiler
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "arch": self.arch,
+                "device": self.device, "run": self.run, "tvm_target": self.tvm_dict(),
+                "cross_compiler": self.cross_compiler, "cuda_arch": self.cuda_arch,
+                "required_cpu_flags": list(self.required_cpu_flags)}
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.toml"))
+
+
+def load(name_or_path: str | os.PathLike) -> TargetSpec:
+    s = str(name_or_path)
+    path = Path(s) if (s.endswith(".toml") or os.sep in s) else HERE / f"{s}.toml"
+    if not path.is_file():
+        raise UnknownTargetError(f"unknown target {s!r}: known targets are {', '.join(names())} "
+                                 "(or pass the path of your own .toml target file)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UnknownTargetError(f"target file {path} is not valid TOML: {e}") from None
+    missing = [k for k in ("description", "arch", "device", "run", "target") if k not in raw]
+    if missing:
+        raise UnknownTargetError(f"target file {path} lacks {', '.join(missing)}; copy a file from "
+                                 f"{HERE} and edit it")
+    for key, allowed in (("arch", ARCHES), ("device", DEVICES), ("run", RUNS)):
+        if raw[key] not in allowed:
+            raise UnknownTargetError(f"target file {path}: {key}={raw[key]!r}, expected one of {allowed}")
+    if raw["device"] == "cuda" and not raw.get("cuda_arch"):
+        raise UnknownTargetError(f"target file {path}: a CUDA target needs cuda_arch (e.g. \"sm_87\")")
+    return TargetSpec(name=path.stem, description=raw["description"], arch=raw["arch"],
+                      device=raw["device"], run=raw["run"], target=raw["target"], host=raw.get("host"),
+                      cross_compiler=raw.get("cross_compiler", ""),
+                      cross_compiler_package=raw.get("cross_compiler_package", ""),
+                      cuda_arch=raw.get("cuda_arch", ""),
+                      required_cpu_flags=tuple(raw.get("required_cpu_flags", ())), path=str(path), raw=raw)
+
+
+def all_targets() -> list[TargetSpec]:
+    return [load(n) for n in names()]

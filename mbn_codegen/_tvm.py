@@ -1,0 +1,54 @@
+"""Every import from TVM's moving parts lives here (0.27 renamed tir->tirx, moved MetaSchedule
+and dlight under s_tir, and dropped string targets). When TVM moves again, only this file changes.
+
+Importing this module checks the tvm / tvm-ffi pair first.
+"""
+from __future__ import annotations
+
+from importlib import metadata
+
+from .errors import VersionMismatchError
+
+TVM_VERSION = "0.27.0.post1"
+TVM_FFI_VERSION = "0.1.14.post0"
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_versions() -> None:
+    """apache-tvm-ffi 0.1.15.post2 (pip's default pick) segfaults in MetaSchedule's
+    tvm::ffi::ToJSONGraph; refuse anything but the verified pair before TVM loads."""
+    got = {"apache-tvm": _installed("apache-tvm"), "apache-tvm-ffi": _installed("apache-tvm-ffi")}
+    want = {"apache-tvm": TVM_VERSION, "apache-tvm-ffi": TVM_FFI_VERSION}
+    bad = [f"{k}=={got[k]} (need {want[k]})" for k in want if got[k] != want[k]]
+    if bad:
+        raise VersionMismatchError(
+            "mismatched TVM installation: " + ", ".join(bad) + ". Other pairs crash in tuning; fix with "
+            f"`pip install apache-tvm=={TVM_VERSION} apache-tvm-ffi=={TVM_FFI_VERSION}` (or `make setup`)")
+
+
+check_versions()
+
+import tvm  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm import relax, tirx  # noqa: E402
+from tvm.relax.frontend import detach_params  # noqa: E402
+from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
+from tvm.relax.frontend.onnx import onnx_frontend  # noqa: E402
+from tvm.s_tir import meta_schedule as ms  # noqa: E402
+from tvm.s_tir import dlight  # noqa: E402
+from tvm.s_tir.analysis import find_anchor_sblock  # noqa: E402
+from tvm.target import Target  # noqa: E402
+
+IRModule = tvm.IRModule
+Constant = tvm.ir.expr.Constant
+Schedule = tvm.s_tir.Schedule
+
+__all__ = ["tvm", "tvm_ffi", "relax", "tirx", "from_onnx", "onnx_frontend", "detach_params", "ms",
+           "dlight", "find_anchor_sblock", "Target", "IRModule", "Constant", "Schedule",
+           "check_versions", "TVM_VERSION", "TVM_FFI_VERSION"]

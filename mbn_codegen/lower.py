@@ -1,0 +1,169 @@
+"""ONNX -> Relax -> scheduled IRModule, as named phases (mlc-llm style).
+
+Each phase is `fn(mod, ctx) -> mod`; `lower(..., dump_ir=DIR)` writes the IR after every phase to
+DIR/NN-<phase>.py, so a user can see exactly what each step did.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ._tvm import Constant, IRModule, Target, from_onnx, onnx_frontend, relax, tvm
+from .errors import OnnxModelError
+
+
+@dataclass
+class LowerContext:
+    target: Target
+    device: str                        # "cpu" | "cuda"
+    input_name: str
+    input_shape: tuple[int, ...]
+    layout: str = "NCHW"
+    database: object | None = None     # a MetaSchedule database (issue 3); None = stock
+    notes: dict = field(default_factory=dict)   # phases report what they did here
+
+    @property
+    def backend(self):
+        return relax.backend.cuda.pipeline if self.device == "cuda" else relax.backend.cpu_generic.pipeline
+
+
+@contextlib.contextmanager
+def _clip_as_min_max():
+    """ONNX Clip (torch's ReLU6) imports as call_tir to TE min/max PrimFuncs plus an isnan/where
+    guard, which layout conversion and fusion cannot see through. With constant bounds it is just
+    minimum(maximum(x, lo), hi)."""
+    orig = onnx_frontend.Clip._impl_v13.__func__
+
+    def _clip(cls, bb, inputs, attr, params):
+        x, lo, hi = (list(inputs) + [None, None])[:3]
+        if isinstance(lo, Constant) and isinstance(hi, Constant):
+            return relax.op.minimum(relax.op.maximum(x, lo), hi)
+        return orig(cls, bb, inputs, attr, params)
+
+    onnx_frontend.Clip._impl_v13 = classmethod(_clip)
+    try:
+        yield
+    finally:
+        onnx_frontend.Clip._impl_v13 = classmethod(orig)
+
+
+def import_onnx(onnx_model, ctx: LowerContext) -> IRModule:
+    try:
+        with _clip_as_min_max():
+            return from_onnx(onnx_model, shape_dict={ctx.input_name: list(ctx.input_shape)})
+    except Exception as e:
+        raise OnnxModelError(f"TVM's ONNX frontend cannot import this model: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[-1][:300]}") from None
+
+
+def _fold_bn_into_conv(mod: IRModule, _ctx: LowerContext) -> IRModule:
+    """conv2d(x, W) -> batch_norm(.., g, b, mean, var)[0]  ==>  conv2d(x, W*s) + (b - mean*s),
+    s = g / sqrt(var + eps). Removes the BN from the graph instead of leaving four elementwise
+    ops per layer for the fuser."""
+    from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
+
+    w = is_const()
+    conv = is_op("relax.nn.conv2d")(wildcard(), w)
+    gamma, beta, mean, var = is_const(), is_const(), is_const(), is_const()
+    bn = is_op("relax.nn.batch_norm")(conv, gamma, beta, mean, var)
+    pattern = is_tuple_get_item(bn, 0)
+
+    def rewriter(_expr, m):
+        conv_call, bn_call = m[conv], m[bn]
+        if conv_call.attrs.kernel_layout != "OIHW" or int(bn_call.attrs.axis) != 1:
+            return _expr
+        g, b, mu, v = (m[p].value.numpy().astype("float64") for p in (gamma, beta, mean, var))
+        s = g / np.sqrt(v + float(bn_call.attrs.epsilon))
+        wt = m[w].value.numpy()
+        new_w = (wt.astype("float64") * s[:, None, None, None]).astype(wt.dtype)
+        bias = (b - mu * s).astype(wt.dtype).reshape(1, -1, 1, 1)
+        x = conv_call.args[0]
+        a = conv_call.attrs
+        new_conv = relax.op.nn.conv2d(x, relax.const(new_w), strides=a.strides, padding=a.padding,
+                                      dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
+                                      kernel_layout=a.kernel_layout, out_layout=a.out_layout,
+                                      out_dtype=a.out_dtype)
+        return relax.op.add(new_conv, relax.const(bias))
+
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = rewrite_call(pattern, rewriter, func)
+    return relax.transform.DeadCodeElimination()(out)
+
+
+def _decompose(mod: IRModule, _ctx: LowerContext) -> IRModule:
+    """BatchNorm not after a conv (and any other training-style op) becomes plain arithmetic."""
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
+def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
+    if ctx.layout == "NCHW":
+        return mod
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [ctx.layout, "OHWI"]})(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
+def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:
+    with ctx.target:
+        return tvm.transform.Sequential(ctx.backend.legalize_passes(ctx.target))(mod)
+
+
+def _schedule(mod: IRModule, ctx: LowerContext) -> IRModule:
+    """Kernels get, in order: a tuned record from the database, else the backend's defaults
+    (dlight on CUDA, already applied in legalize-fuse; TVM's naive loops on CPU)."""
+    from .kernels import apply_schedules
+
+    return apply_schedules(mod, ctx)
+
+
+PHASES: list[tuple[str, Callable[[IRModule, LowerContext], IRModule]]] = [
+    ("fold-batchnorm", _fold_bn_into_conv),
+    ("decompose", _decompose),
+    ("layout", _layout),
+    ("legalize-fuse", _legalize_fuse),
+    ("schedule", _schedule),
+]
+
+
+def lower(onnx_model, ctx: LowerContext, dump_ir: str | Path | None = None,
+          log: Callable[[str], None] | None = None) -> IRModule:
+    """Run every phase; returns the scheduled module that `build_module` compiles."""
+    dump = Path(dump_ir) if dump_ir else None
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+
+    def _dump(i: int, name: str, mod: IRModule) -> None:
+        if dump:
+            (dump / f"{i:02d}-{name}.py").write_text(mod.script(show_meta=False))
+
+    t0 = time.perf_counter()
+    mod = import_onnx(onnx_model, ctx)
+    ctx.notes.setdefault("phase_seconds", {})["import"] = time.perf_counter() - t0
+    _dump(0, "import", mod)
+    for i, (name, fn) in enumerate(PHASES, start=1):
+        t0 = time.perf_counter()
+        mod = fn(mod, ctx)
+        ctx.notes["phase_seconds"][name] = time.perf_counter() - t0
+        if log:
+            log(f"  phase {name:<15} {ctx.notes['phase_seconds'][name]:6.2f} s")
+        _dump(i, name, mod)
+    return mod
+
+
+def build_module(mod: IRModule, ctx: LowerContext):
+    """The VM executable: dataflow lowering and finalisation of the already-fused module."""
+    passes = ctx.backend.dataflow_lower_passes(ctx.target) + ctx.backend.finalize_passes(ctx.target)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(m, _pc):
+        with ctx.target:
+            return tvm.transform.Sequential(passes)(m)
+
+    return tvm.compile(mod, target=ctx.target, relax_pipeline=_pipeline)
