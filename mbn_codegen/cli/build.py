@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from .common import add_model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build", help="compile a MobileNet (or an ONNX file) into an artifact directory")
+    add_model_args(p)
+    p.add_argument("--weights", help="a state_dict file, or 'pretrained' (mobilenet_v2: ImageNet); "
+                   "default: random weights (for testing)")
+    p.add_argument("--onnx", help="compile this ONNX file instead of a zoo model")
+    p.add_argument("--target", default="x86_64", help="a file name in targets/ or a path to a .toml "
+                   "(see `mbn-codegen targets`)")
+    p.add_argument("--out", help="artifact directory (default artifacts/<model>-<alpha>-<res>-<target>)")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each lowering phase to DIR")
+    p.add_argument("--database", metavar="DIR", help="MetaSchedule tuning database to apply")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+
+def main(args) -> int:
+    from ..build import BuildConfig, build
+
+    cfg = BuildConfig(model=args.model, alpha=args.alpha, resolution=args.resolution,
+                      num_classes=args.num_classes, weights=args.weights, onnx=args.onnx,
+                      target=args.target, out=args.out, dump_ir=args.dump_ir,
+                      database=args.database, seed=args.seed)
+    build(cfg)
+    return 0

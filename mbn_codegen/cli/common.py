@@ -1,0 +1,34 @@
+"""Argument types shared by subcommands: they validate, the API does the work."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def alpha(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if math.isnan(v) or not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{s}: the width multiplier must be in (0, 1], "
+                                         "e.g. 1.0, 0.75, 0.5, 0.25")
+    return v
+
+
+def resolution(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v <= 0 or v % 32:
+        raise argparse.ArgumentTypeError(f"{s}: the resolution must be a positive multiple of 32 "
+                                         "(MobileNet downsamples by 32), e.g. 224, 192, 160, 128")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mobilenet_v1", choices=["mobilenet_v1", "mobilenet_v2"])
+    p.add_argument("--alpha", type=alpha, default=1.0, help="width multiplier (default 1.0)")
+    p.add_argument("--resolution", type=resolution, default=224, help="input size (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000)
