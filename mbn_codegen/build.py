@@ -119,6 +119,12 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Path:
         ex = build_module(mod, ctx)
         ex.export_library(str(tmp / LIB_FILE), cc=cc) if cc else ex.export_library(str(tmp / LIB_FILE))
     compile_s = time.perf_counter() - t0
+    gpu = None
+    if spec.device == "cuda":
+        from .cuda import cuda_payloads, nvcc_version
+        pay = cuda_payloads(tmp / LIB_FILE)
+        gpu = {"cuda_arch": spec.cuda_arch, "nvcc": nvcc_version(),
+               "kernel_formats": sorted({p.format for p in pay})}
 
     labels_file = None
     if shape and y.shape[-1] == 1000 and (cfg.onnx or cfg.num_classes == 1000):
@@ -134,6 +140,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Path:
         "target": spec.to_dict(),
         "arch": spec.arch,
         "device": spec.device,
+        "gpu": gpu,
         "library": {"file": LIB_FILE, "sha256": sha256(tmp / LIB_FILE),
                     "bytes": (tmp / LIB_FILE).stat().st_size},
         "reference": {"input": "reference_input.npy", "output": "reference_output.npy",

@@ -59,9 +59,12 @@ def machine_arch() -> str:
 
 
 def cpu_flags() -> set[str]:
+    """SIMD flags from /proc/cpuinfo: x86 lists them as `flags`, arm64 as `Features`. Empty when
+    the file does not describe this architecture (qemu-user shows the host's), so no check then."""
+    key = "Features" if machine_arch() == "aarch64" else "flags"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
+            if line.split(":", 1)[0].strip() == key:
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
