@@ -72,15 +72,27 @@ def _zoo_onnx(cfg: BuildConfig, path: Path) -> dict:
 
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Path:
-    from ._tvm import TVM_FFI_VERSION, TVM_VERSION
-    from .lower import LowerContext, build_module, lower
-
     spec = targets.load(cfg.target)
     cc = spec.compiler()                 # fails early, naming the apt package, if it is missing
+    if cfg.onnx:
+        load_onnx(cfg.onnx)              # errors name the user's file, before anything is written
+    else:
+        from .models.mobilenet_v1 import validate
+        validate(cfg.alpha, cfg.resolution, cfg.num_classes)
     out = Path(cfg.out) if cfg.out else cfg.default_out()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _build(cfg, spec, cc, out, tmp, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # an interrupted or failed build leaves nothing
+
+
+def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
+    from ._tvm import TVM_FFI_VERSION, TVM_VERSION
+    from .lower import LowerContext, build_module, lower
+
     t_start = time.perf_counter()
 
     onnx_path = tmp / "model.onnx"

@@ -106,7 +106,7 @@ def _decompose(mod: IRModule, _ctx: LowerContext) -> IRModule:
 def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
     if ctx.layout == "NCHW":
         return mod
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [ctx.layout, "OHWI"]})(mod)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [ctx.layout, "HWIO"]})(mod)
     return relax.transform.FoldConstant()(mod)
 
 

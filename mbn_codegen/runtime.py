@@ -97,7 +97,7 @@ def check_machine(manifest: dict) -> None:
     if want != here:
         raise ArchitectureMismatchError(
             f"this artifact was built for {want} (target {manifest['target']['name']!r}) but this "
-            f"machine is {here}: copy it to a {want} board, or build for this machine with "
+            f"machine is {here}: copy it to an {want} board, or build for this machine with "
             f"`mbn-codegen build --target {'x86_64' if here == 'x86_64' else 'arm64'}`")
     need = set(manifest["target"].get("required_cpu_flags", []))
     have = cpu_flags()
@@ -105,6 +105,18 @@ def check_machine(manifest: dict) -> None:
         raise ArchitectureMismatchError(
             f"this CPU lacks {', '.join(sorted(need - have))}, which target {manifest['target']['name']!r} "
             "compiled in; build for a lower target (e.g. --target x86_64 for AVX2)")
+
+
+def _aligned(x: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """TVM kernels assume 64-byte aligned buffers (vector loads); numpy only promises 16.
+    An unaligned input segfaults inside the library, so copy it into an aligned buffer."""
+    if x.flags.c_contiguous and x.ctypes.data % alignment == 0:
+        return x
+    raw = np.empty(x.nbytes + alignment, dtype=np.uint8)
+    off = (-raw.ctypes.data) % alignment
+    out = raw[off:off + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
 
 
 class Model:
@@ -154,7 +166,7 @@ class Model:
                         "image or build another resolution")
             raise InputShapeError(f"input {self.input_name!r} has shape {tuple(x.shape)}, the model takes "
                                   f"{self.input_shape}{hint}")
-        return np.ascontiguousarray(x)
+        return _aligned(x)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run(x)

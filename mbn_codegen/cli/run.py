@@ -16,8 +16,13 @@ def main(args) -> int:
     print(f"self-check: ok on {r['arch']} ({r['device']}), max |error| vs ONNX Runtime {r['max_abs_err']:.2g}")
     if args.images:
         from ..images import load_image, preprocess
+        from ..errors import MbnError
         for path in args.images:
-            x = preprocess(load_image(path), model.input_shape[-1])
+            try:
+                img = load_image(path)
+            except ValueError as e:
+                raise MbnError(str(e)) from None
+            x = preprocess(img, model.input_shape[-1])
             print(path)
             for idx, label, p in model.predict(x, k=args.k):
                 print(f"  {p:7.2%}  {idx:4d}  {label}")

@@ -1,0 +1,86 @@
+"""What our schedules share: recognising conv blocks, the target's vector width, and helpers that
+either sample a knob (under tuning) or take a given decision (our untuned defaults)."""
+from __future__ import annotations
+
+from mbn_codegen._tvm import IRModule, find_anchor_sblock, tirx
+
+
+def vector_lanes(target) -> int:
+    """fp32 lanes of one SIMD register: AVX-512 16, AVX2 8, NEON 4."""
+    if target.kind.name != "llvm":
+        return 1
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm")):
+        return 4
+    mcpu = str(target.attrs.get("mcpu", ""))
+    mattr = [str(a) for a in target.attrs.get("mattr", [])]
+    avx512 = ("avx512" in mcpu or mcpu in ("znver4", "znver5", "sapphirerapids", "icelake-server",
+                                            "cascadelake", "cooperlake", "tigerlake")
+              or "+avx512f" in mattr)
+    return 16 if avx512 else 8
+
+
+def conv_info(func) -> dict | None:
+    """For a fused PrimFunc around an NHWC conv2d: the anchor block name, the extents of its
+    iter vars by role, and whether it is depthwise. None for anything else."""
+    try:
+        b = find_anchor_sblock(IRModule({"main": func}))
+    except Exception:
+        return None
+    if b is None or not b.name_hint.endswith("conv2d_nhwc") or len(b.iter_vars) != 7:
+        return None
+    ext = {}
+    for iv, role in zip(b.iter_vars, ("n", "y", "x", "f", "ry", "rx", "rc")):
+        if not isinstance(iv.dom.extent, tirx.IntImm):
+            return None
+        ext[role] = int(iv.dom.extent)
+    depthwise = b.name_hint.startswith("group_conv2d") and ext["rc"] == 1
+    if b.name_hint.startswith("group_conv2d") and not depthwise:
+        return None                        # grouped but not depthwise: not ours
+    kind = "depthwise" if depthwise else ("pointwise" if ext["ry"] == ext["rx"] == 1 else "conv")
+    return {"block": b.name_hint, "kind": kind, **ext}
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def lanes_for(channels: int, lanes: int) -> int:
+    """The widest power-of-two vector <= lanes that divides the channel count."""
+    v = lanes
+    while v > 1 and channels % v:
+        v //= 2
+    return v
+
+
+def tile(sch, loop, n: int, max_inner: int, decision: list[int] | None):
+    """Split `loop` in n perfect factors: sampled under tuning, fixed to `decision` otherwise.
+    Either way the trace holds a SamplePerfectTile, so a default is a point of the tuned space."""
+    factors = sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner, decision=decision)
+    return sch.split(loop, factors)
+
+
+def choose(sch, candidates: list[int], decision: int | None):
+    """A categorical knob (index `decision` into candidates when fixed)."""
+    return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates), decision=decision)
+
+
+def inline_producers(sch, block) -> None:
+    for p in sch.get_producers(block):
+        sch.compute_inline(p)
+
+
+def fuse_epilogue(sch, block):
+    """conv -> add -> relu(/min/max): inline all but the last elementwise consumer into the last,
+    which is returned (it writes the function's output)."""
+    chain = []
+    cur = block
+    while True:
+        cs = sch.get_consumers(cur)
+        if len(cs) != 1:
+            break
+        chain.append(cs[0])
+        cur = cs[0]
+    for b in chain[:-1]:
+        sch.compute_inline(b)
+    return chain[-1] if chain else None

@@ -1,0 +1,51 @@
+"""3x3 depthwise convolution in NHWC with HWIO weights (3, 3, 1, C): one filter per channel.
+
+CPU: channels are the contiguous axis, so a vector holds `lanes` channels of one pixel; the
+register tile is `x_in` pixels of a row x one vector: x_in accumulators, 9 weight vectors loaded
+once per tile and reused x_in times, and the padded input read straight from the producer
+(padding inlined as a select that does not depend on the channel, so it vectorises).
+AVX-512: x_in = 7 or 8 keeps 8 + 9 + 1 registers of 32. Depthwise is memory-bound (2 flops per
+4-byte load without reuse), so the win is in reuse across the 3x3 window and in the fused
+bias+ReLU epilogue, which writes the output once.
+"""
+from __future__ import annotations
+
+from .common import conv_info, fuse_epilogue, inline_producers, lanes_for, largest_divisor, tile
+
+RULE = "mbn_depthwise"
+
+
+def applies(func) -> bool:
+    info = conv_info(func)
+    return info is not None and info["kind"] == "depthwise"
+
+
+def default_knobs(info: dict, lanes: int) -> dict:
+    v = lanes_for(info["f"], lanes)
+    x_in = largest_divisor(info["x"], 8)
+    f_vecs = info["f"] // v
+    return {"x": [info["x"] // x_in, x_in], "f": [f_vecs, 1]}
+
+
+def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
+    """Knobs: x (pixels per register tile), f (vectors of channels per tile)."""
+    k = knobs or {}
+    inline_producers(sch, block)
+    out = fuse_epilogue(sch, block)
+    n, y, x, f, ry, rx, rc = sch.get_loops(block)
+    v = lanes_for(int(sch.get(f).extent), lanes)
+    x0, x1 = tile(sch, x, 2, 8, k.get("x"))
+    fo, fv = sch.split(f, [None, v])
+    f0, f1 = tile(sch, fo, 2, 4, k.get("f"))
+    sch.reorder(n, y, x0, f0, rc, ry, rx, f1, x1, fv)
+    sch.parallel(sch.fuse(n, y))
+    if out is not None:
+        sch.reverse_compute_at(out, f0, preserve_unit_loops=True)
+    sch.vectorize(fv)
+    sch.unroll(x1)
+    sch.unroll(f1)
+    sch.unroll(rx)
+    sch.decompose_reduction(block, rc)
+    if out is not None:
+        ol = sch.get_loops(out)
+        sch.vectorize(sch.split(ol[-1], [None, v])[-1])

@@ -1,0 +1,63 @@
+"""1x1 pointwise convolution (and the dense 3x3 stem) in NHWC with HWIO weights: a GEMM
+out[y, x, f] = sum_c in[y, x, c] * W[c, f].
+
+CPU register tile: `x_in` output pixels of a row x `f_in` vectors of `lanes` output channels live in
+registers; each step of the channel loop loads one weight row segment (f_in vectors, contiguous
+in HWIO) and broadcasts x_in input values, so it issues x_in * f_in FMAs for f_in + x_in loads.
+AVX-512 has 32 zmm registers: 4 x 2 x 16 keeps 8 accumulators, 2 weight vectors and a broadcast
+with room to spare; up to 7 x 3 (21 accumulators) still fits. AVX2 (16 ymm) wants
+x_in * f_in <= 12, NEON (32 q registers, 4 lanes) like AVX-512 in count.
+"""
+from __future__ import annotations
+
+from .common import conv_info, fuse_epilogue, inline_producers, lanes_for, largest_divisor, tile
+
+RULE = "mbn_pointwise"
+
+
+def applies(func) -> bool:
+    info = conv_info(func)
+    return info is not None and info["kind"] in ("pointwise", "conv")
+
+
+def default_knobs(info: dict, lanes: int) -> dict:
+    v = lanes_for(info["f"], lanes)
+    f_vecs = info["f"] // v
+    # AVX-512/NEON (32 registers): up to 8 pixels x 2 vectors = 16 accumulators;
+    # AVX2 (16 registers): 8 x 1, leaving room for the weight vector and the broadcast.
+    f_in = largest_divisor(f_vecs, 1 if lanes == 8 else 2)
+    x_in = largest_divisor(info["x"], 8)
+    kc = largest_divisor(info["rc"], 64)
+    return {"x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in], "rc": [info["rc"] // kc, kc],
+            "order": 1}
+
+
+ORDERS = (0, 1)
+
+
+def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None) -> None:
+    """order 0: pixel blocks outer (weights re-streamed per pixel block); order 1: output-channel
+    blocks outer (a weight panel stays in cache across all pixels). The order is a separate
+    design space, not a sampled knob: MetaSchedule traces cannot branch on sampled values.
+    Knobs: x (pixels along a row in the register tile), f (vector tile), rc (channel blocking)."""
+    k = knobs or {}
+    inline_producers(sch, block)
+    out = fuse_epilogue(sch, block)
+    n, y, x, f, ry, rx, rc = sch.get_loops(block)
+    v = lanes_for(int(sch.get(f).extent), lanes)
+    x0, x1 = tile(sch, x, 2, 8, k.get("x"))
+    fo, fv = sch.split(f, [None, v])
+    f0, f1 = tile(sch, fo, 2, 4, k.get("f"))
+    rc0, rc1 = tile(sch, rc, 2, 64, k.get("rc"))
+    outer = [n, y, x0, f0] if order == 0 else [n, f0, y, x0]
+    sch.reorder(*outer, rc0, ry, rx, rc1, x1, f1, fv)
+    sch.parallel(sch.fuse(*outer[:2]))          # before the epilogue joins this loop nest
+    if out is not None:
+        sch.reverse_compute_at(out, outer[-1], preserve_unit_loops=True)
+    sch.vectorize(fv)
+    sch.unroll(f1)          # the register tile: unrolled so its accumulators become registers
+    sch.unroll(x1)
+    sch.decompose_reduction(block, rc0)          # the init copies the vectorize/unroll above
+    if out is not None:
+        ol = sch.get_loops(out)
+        sch.vectorize(sch.split(ol[-1], [None, v])[-1])
