@@ -38,7 +38,8 @@ class BuildConfig:
     out: str | None = None
     dump_ir: str | None = None
     database: str | None = None       # MetaSchedule work dir (issue 3)
-    layout: str = "NCHW"
+    schedules: str = "ours"           # "ours" (our rules, NHWC) or "stock" (TVM's defaults, NCHW)
+    layout: str | None = None
     seed: int = 0
 
     def default_out(self) -> Path:
@@ -117,7 +118,8 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         from .tuning import open_database
         database = open_database(cfg.database)
     target = spec.tvm_target()
-    ctx = LowerContext(target, spec.device, input_name, shape, layout=cfg.layout, database=database)
+    ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
+                       layout=cfg.layout, database=database)
     log(f"lower for {spec.name} ({spec.description})")
     mod = lower(onnx_model, ctx, dump_ir=cfg.dump_ir, log=log)
     log("compile")
@@ -158,6 +160,8 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         "reference": {"input": "reference_input.npy", "output": "reference_output.npy",
                       "oracle": "onnxruntime", "rtol": rtol, "atol": atol},
         "labels_file": labels_file,
+        "schedules": cfg.schedules,
+        "layout": ctx.layout,
         "tuning_database": ({"path": str(cfg.database)} if cfg.database else None),
         "kernels": ctx.notes.get("kernels", []),
         "phase_seconds": {**ctx.notes.get("phase_seconds", {}), "compile": compile_s},

@@ -1,7 +1,7 @@
 """Which schedule serves each kernel: classification of fused PrimFuncs and the schedule phase."""
 from __future__ import annotations
 
-from ._tvm import IRModule, find_anchor_sblock, tirx, tvm
+from ._tvm import IRModule, dlight, find_anchor_sblock, relax, tirx, tvm
 
 
 def conv_kind(func) -> str | None:
@@ -13,11 +13,14 @@ def conv_kind(func) -> str | None:
     if b is None:
         return None
     name = b.name_hint
-    ext = [int(v.dom.extent) if isinstance(v.dom.extent, tirx.IntImm) else -1 for v in b.iter_vars]
-    if "conv2d" in name and len(ext) == 7:
-        if name.startswith("group_conv2d") and ext[4] == 1:
+    if "conv2d" in name and len(b.iter_vars) == 7:
+        ext = {}
+        for iv in b.iter_vars:
+            nm = iv.var.name.lstrip("v_")
+            ext[nm[-2:]] = int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else -1
+        if name.startswith("group_conv2d") and ext.get("rc") == 1:
             return "depthwise"
-        return "pointwise" if ext[5] == ext[6] == 1 else "conv"
+        return "pointwise" if ext.get("ry") == ext.get("rx") == 1 else "conv"
     if "matmul" in name or "dense" in name:
         return "dense"
     if "sum" in name or "mean" in name or "pool" in name:
@@ -25,25 +28,38 @@ def conv_kind(func) -> str | None:
     return None
 
 
+def _scheduled(f) -> bool:
+    return bool((f.attrs or {}).get("tirx.is_scheduled", False))
+
+
 def kernel_table(mod: IRModule) -> list[dict]:
     rows = []
     for gv, f in mod.functions.items():
         if isinstance(f, tirx.PrimFunc):
-            attrs = f.attrs or {}
-            rows.append({"name": gv.name_hint, "kind": conv_kind(f) or "other",
-                         "scheduled": bool(attrs.get("tirx.is_scheduled", False))})
+            rows.append({"name": gv.name_hint, "kind": conv_kind(f) or "other", "scheduled": _scheduled(f)})
     return sorted(rows, key=lambda r: r["name"])
 
 
 def apply_schedules(mod: IRModule, ctx) -> IRModule:
-    src = {}
+    kinds = {r["name"]: r["kind"] for r in kernel_table(mod)}
+    source: dict[str, str] = {}
     if ctx.database is not None:
-        from ._tvm import relax
         with ctx.target, ctx.database, tvm.transform.PassContext(opt_level=3):
-            tuned = relax.transform.MetaScheduleApplyDatabase()(mod)
-        for row in kernel_table(tuned):
-            src[row["name"]] = "tuned" if row["scheduled"] else None
-        mod = tuned
-    default_src = "dlight" if ctx.device == "cuda" else "tvm-stock"
-    ctx.notes["kernels"] = [dict(r, source=src.get(r["name"]) or default_src) for r in kernel_table(mod)]
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        source.update({r["name"]: "tuned" for r in kernel_table(mod) if r["scheduled"]})
+    if ctx.schedules == "ours":
+        from . import schedules
+        for gv, f in list(mod.functions.items()):
+            if isinstance(f, tirx.PrimFunc) and not _scheduled(f):
+                r = schedules.default_schedule(f, ctx.target)
+                if r is not None:
+                    mod[gv] = r[0]
+                    source[gv.name_hint] = f"ours-default:{r[1]}"
+    if ctx.device == "cuda":
+        with ctx.target:
+            mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                                              dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
+    fallback = "dlight" if ctx.device == "cuda" else "tvm-stock"
+    ctx.notes["kernels"] = [{"name": n, "kind": k, "source": source.get(n, fallback)}
+                            for n, k in sorted(kinds.items())]
     return mod

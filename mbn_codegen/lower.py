@@ -23,8 +23,9 @@ class LowerContext:
     device: str                        # "cpu" | "cuda"
     input_name: str
     input_shape: tuple[int, ...]
-    layout: str = "NCHW"
-    database: object | None = None     # a MetaSchedule database (issue 3); None = stock
+    schedules: str = "ours"            # "ours": our rules (NHWC); "stock": TVM's defaults (NCHW)
+    layout: str | None = None          # None: NHWC with our schedules, NCHW for stock
+    database: object | None = None     # a MetaSchedule database; its records win where present
     notes: dict = field(default_factory=dict)   # phases report what they did here
 
     @property
@@ -104,6 +105,12 @@ def _decompose(mod: IRModule, _ctx: LowerContext) -> IRModule:
 
 
 def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
+    """NHWC activations with HWIO weights for our schedules: channels are contiguous, so SIMD
+    lanes (CPU) and warp lanes (CUDA) run along channels, which every MobileNet layer has in
+    multiples of 8; HWIO puts a pointwise weight row (all output channels of one input channel)
+    in one contiguous run."""
+    if ctx.layout is None:
+        ctx.layout = "NHWC" if ctx.schedules == "ours" else "NCHW"
     if ctx.layout == "NCHW":
         return mod
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [ctx.layout, "HWIO"]})(mod)
@@ -111,13 +118,17 @@ def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
 
 
 def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:
+    """TVM's legalize+fuse passes, minus the GPU backend's trailing dlight pass: scheduling is the
+    next phase's job, so tuned records and our rules get the unscheduled kernels first."""
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     with ctx.target:
-        return tvm.transform.Sequential(ctx.backend.legalize_passes(ctx.target))(mod)
+        return tvm.transform.Sequential(passes)(mod)
 
 
 def _schedule(mod: IRModule, ctx: LowerContext) -> IRModule:
-    """Kernels get, in order: a tuned record from the database, else the backend's defaults
-    (dlight on CUDA, already applied in legalize-fuse; TVM's naive loops on CPU)."""
+    """Each kernel gets the first of: a tuned record from the database, our rule with its
+    default knobs, dlight (CUDA) or TVM's naive loops (CPU)."""
     from .kernels import apply_schedules
 
     return apply_schedules(mod, ctx)

@@ -107,6 +107,23 @@ def check_machine(manifest: dict) -> None:
             "compiled in; build for a lower target (e.g. --target x86_64 for AVX2)")
 
 
+_opened: dict[str, str] = {}
+
+
+def _unique_path(lib: Path, digest: str) -> str:
+    """dlopen returns the already-loaded library for a path it has seen, even if the file was
+    rebuilt since; a rebuilt artifact at the same path is loaded from a copy instead."""
+    path = str(lib.resolve())
+    if _opened.setdefault(path, digest) == digest:
+        return path
+    import shutil
+    import tempfile
+    copy = Path(tempfile.mkdtemp(prefix="mbn-")) / f"{digest[:16]}.so"
+    shutil.copyfile(path, copy)
+    _opened[str(copy)] = digest
+    return str(copy)
+
+
 def _aligned(x: np.ndarray, alignment: int = 64) -> np.ndarray:
     """TVM kernels assume 64-byte aligned buffers (vector loads); numpy only promises 16.
     An unaligned input segfaults inside the library, so copy it into an aligned buffer."""
@@ -137,7 +154,7 @@ class Model:
         self.input_dtype = np.dtype(inp["dtype"])
         self.labels = self._read_labels()
         self._dev = self._ffi.device(self.device, device_id)
-        mod = self._ffi.load_module(str(lib.resolve()))
+        mod = self._ffi.load_module(_unique_path(lib, m["library"]["sha256"]))
         self._vm = mod["vm_load_executable"]()
         init = [_DEVICE_TYPE[self.device], device_id, _POOLED_ALLOCATOR]
         if self.device != "cpu":

@@ -49,3 +49,30 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     if out is not None:
         ol = sch.get_loops(out)
         sch.vectorize(sch.split(ol[-1], [None, v])[-1])
+
+
+def default_knobs_cuda(info: dict) -> dict:
+    total = info["n"] * info["y"] * info["x"] * info["f"]
+    t = largest_divisor(total, 256)
+    return {"t": [total // t, t]}
+
+
+def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
+    """One thread per output element, channels fastest so a warp reads 32 consecutive channels
+    of a pixel (coalesced in NHWC) and the 3x3 weights (HWIO, channels contiguous). The 9-tap
+    reduction is unrolled in registers and the bias+ReLU epilogue is computed before the single
+    store. Knob: t (threads per block)."""
+    k = knobs or {}
+    inline_producers(sch, block)
+    out = fuse_epilogue(sch, block)
+    n, y, x, f, ry, rx, rc = sch.get_loops(block)
+    s = sch.fuse(n, y, x, f)
+    b, t = tile(sch, s, 2, 512, k.get("t"))
+    sch.bind(b, "blockIdx.x")
+    sch.bind(t, "threadIdx.x")
+    sch.set_scope(block, 0, "local")            # accumulators live in registers
+    if out is not None:
+        sch.reverse_compute_at(out, t, preserve_unit_loops=True)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.decompose_reduction(block, ry)

@@ -61,3 +61,37 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None) 
     if out is not None:
         ol = sch.get_loops(out)
         sch.vectorize(sch.split(ol[-1], [None, v])[-1])
+
+
+def default_knobs_cuda(info: dict) -> dict:
+    s = info["n"] * info["y"] * info["x"]
+    s_t = largest_divisor(s, 16)
+    f_t = largest_divisor(info["f"], 16)
+    s_i = largest_divisor(s // s_t, 2)
+    f_i = largest_divisor(info["f"] // f_t, 4)
+    kc = largest_divisor(info["rc"], 16)
+    return {"s": [s // s_t // s_i, s_t, s_i], "f": [info["f"] // f_t // f_i, f_t, f_i],
+            "rc": [info["rc"] // kc, kc]}
+
+
+def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
+    """A thread block computes an (s_t*s_i) x (f_t*f_i) output tile; each thread keeps s_i x f_i
+    accumulators in registers. Threads of a warp take consecutive output channels, so weight
+    reads (HWIO: channels contiguous) and output writes coalesce. Knobs: s, f (block/thread/inner
+    tiles), rc (reduction step)."""
+    k = knobs or {}
+    inline_producers(sch, block)
+    out = fuse_epilogue(sch, block)
+    n, y, x, f, ry, rx, rc = sch.get_loops(block)
+    s = sch.fuse(n, y, x)
+    s0, s1, s2 = tile(sch, s, 3, 4, k.get("s"))
+    f0, f1, f2 = tile(sch, f, 3, 4, k.get("f"))
+    rc0, rc1 = tile(sch, rc, 2, 16, k.get("rc"))
+    sch.reorder(s0, f0, s1, f1, rc0, ry, rx, rc1, s2, f2)
+    sch.bind(sch.fuse(s0, f0), "blockIdx.x")
+    tx = sch.fuse(s1, f1)
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(block, 0, "local")            # accumulators live in registers
+    if out is not None:
+        sch.reverse_compute_at(out, tx, preserve_unit_loops=True)
+    sch.decompose_reduction(block, rc0)

@@ -54,4 +54,17 @@ def test_kernels_classified(tmp_path):
     assert kinds.count("conv") == 1 and kinds.count("dense") == 1
     # 13 dw and 13 pw layers; the five identical 14x14 blocks share one kernel each
     assert kinds.count("depthwise") == 9 and kinds.count("pointwise") == 9
-    assert all(k["source"] == "tvm-stock" for k in ctx.notes["kernels"])
+    src = {k["kind"]: k["source"] for k in ctx.notes["kernels"]}
+    assert src["depthwise"].startswith("ours-default:mbn_depthwise")
+    assert src["pointwise"].startswith("ours-default:mbn_pointwise")
+    assert src["conv"].startswith("ours-default:mbn_pointwise")       # the 3x3 stem is a GEMM too
+    assert src["dense"] == "tvm-stock"
+
+
+def test_stock_keeps_nchw_and_tvm_defaults(tmp_path):
+    model = make_live(create("mobilenet_v1", 0.25, 64))
+    path = export_onnx(model, tmp_path / "m.onnx")
+    ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "input", (1, 3, 64, 64), schedules="stock")
+    lower(onnx.load(str(path)), ctx)
+    assert ctx.layout == "NCHW"
+    assert {k["source"] for k in ctx.notes["kernels"]} == {"tvm-stock"}
