@@ -7,7 +7,6 @@ import onnx
 from mbn_codegen import targets
 from mbn_codegen._tvm import relax, tvm
 from mbn_codegen.export import export_onnx, onnxruntime_run
-from mbn_codegen.kernels import kernel_table
 from mbn_codegen.lower import PHASES, LowerContext, build_module, import_onnx, lower
 from mbn_codegen.models import create
 from mbn_codegen.models.calibrate import make_live
@@ -49,8 +48,8 @@ def test_kernels_classified(tmp_path):
     model = make_live(create("mobilenet_v1", 0.5, 96))
     path = export_onnx(model, tmp_path / "m.onnx")
     ctx = _ctx(96)
-    mod = lower(onnx.load(str(path)), ctx)
-    kinds = [r["kind"] for r in kernel_table(mod)]
+    lower(onnx.load(str(path)), ctx)
+    kinds = [r["kind"] for r in ctx.notes["kernels"]]
     assert kinds.count("conv") == 1 and kinds.count("dense") == 1
     # 13 dw and 13 pw layers; the five identical 14x14 blocks share one kernel each
     assert kinds.count("depthwise") == 9 and kinds.count("pointwise") == 9

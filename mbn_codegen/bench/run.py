@@ -184,8 +184,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         res.doc["provenance"]["seconds"] = round(time.perf_counter() - t_start, 1)
         from .report import summarize, write_report
         res.doc["summary"] = summarize(res.doc)
-        res.save()
+        res.save()                      # the raw samples first: a report error must not lose them
         write_report(out, res.doc)
+        res.save()
         log(f"report: {out}/report.md, {out}/report.html ({res.doc['status']})")
     return out
 
