@@ -3,12 +3,13 @@
 and `default_knobs*`: the same function is our untuned default (knobs given) and MetaSchedule's
 design space (knobs sampled), so a default is always a point of the tuned space.
 
-MetaSchedule reaches them through ApplyCustomRule: `annotate()` marks the anchor block with
-`schedule_rule=<name>` and `register()` installs `s_tir.meta_schedule.<key>.<name>`.
+MetaSchedule gets them as a whole-function design space (`space_fn`, a ScheduleFn): only our
+primitives, no generic rule stacked on top (the root ParallelizeVectorizeUnroll rule would try
+to re-parallelise loops we already parallelised).
 """
 from __future__ import annotations
 
-from mbn_codegen._tvm import Schedule, tirx, tvm
+from mbn_codegen._tvm import Schedule, tirx
 
 from . import depthwise, pointwise
 from .common import conv_info, vector_lanes
@@ -56,44 +57,23 @@ def default_schedule(func, target) -> tuple[object, str] | None:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
 
 
-def annotate(func, target):
-    """Mark the anchor block for ApplyCustomRule; other rules then leave the block alone."""
+def space_fn(func, target):
+    """MetaSchedule design space (a ScheduleFn) for `func`, or None when no rule applies. Returns
+    one schedule per design space of the rule (pointwise on CPU: two loop orders); the knobs are
+    sampled, so the search explores them."""
     rule = match(func)
     if rule is None:
-        return func
+        return None
     info = conv_info(func)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
-    sch = Schedule(func)
-    sch.annotate(sch.get_sblock(info["block"]), "schedule_rule",
-                 f"{rule.RULE}_{'cuda' if device == 'cuda' else f'v{vector_lanes(target)}'}")
-    return sch.mod["main"]
+    spaces = _space(rule, device, vector_lanes(target))
 
-
-_registered = False
-
-
-def register() -> None:
-    """Install the rules MetaSchedule's ApplyCustomRule looks up, for every target key we use.
-    A rule returns one schedule per design space (pointwise CPU: two loop orders)."""
-    global _registered
-    if _registered:
-        return
-    for rule in RULES:
-        for lanes in (4, 8, 16):
-            spaces = _space(rule, "cpu", lanes)
-            _register(f"{rule.RULE}_v{lanes}", spaces, ("cpu", "arm_cpu"))
-        _register(f"{rule.RULE}_cuda", _space(rule, "cuda", 1), ("cuda", "gpu"))
-    _registered = True
-
-
-def _register(name: str, spaces, keys) -> None:
-    def apply(sch, block):
+    def fn(sch):
         out = []
-        for _, fn in spaces:
+        for _, f in spaces:
             s = sch.copy()
             s.seed(sch.fork_seed())
-            fn(s, block)
+            f(s, s.get_sblock(info["block"]))
             out.append(s)
         return out
-    for key in keys:
-        tvm.register_global_func(f"s_tir.meta_schedule.{key}.{name}", apply, override=True)
+    return fn

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+
+from .common import add_model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tune", help="auto-tune the kernels with MetaSchedule (our schedules as the "
+                       "design space), locally or on a board over TVM's RPC tracker")
+    add_model_args(p)
+    p.add_argument("--onnx", help="tune this ONNX file's kernels instead of a zoo model")
+    p.add_argument("--target", default="x86_64")
+    p.add_argument("--space", default="ours", choices=["ours", "generic"],
+                   help="ours (default), or TVM's generic space (for comparisons)")
+    p.add_argument("--database", metavar="DIR", help="default: targets/databases/<target>[-generic]")
+    p.add_argument("--trials", type=int, default=1000, help="total trial budget (default 1000)")
+    p.add_argument("--trials-per-task", type=int, default=64)
+    p.add_argument("--time-limit", type=float, metavar="MIN", help="stop after MIN minutes")
+    p.add_argument("--rpc-tracker", default=os.environ.get("RPC_TRACKER") or None, metavar="HOST:PORT")
+    p.add_argument("--rpc-key", default=os.environ.get("RPC_KEY") or None)
+    p.add_argument("--rpc-workers", type=int, default=1, help="boards measuring in parallel")
+    p.add_argument("--only", nargs="*", default=[], metavar="NAME", help="tune only these kernels")
+
+
+def main(args) -> int:
+    from ..tuning import TuneConfig, tune
+
+    for name in ("trials", "trials_per_task", "rpc_workers"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"mbn-codegen tune: error: --{name.replace('_', '-')} must be positive")
+    tune(TuneConfig(model=args.model, alpha=args.alpha, resolution=args.resolution,
+                    num_classes=args.num_classes, onnx=args.onnx, target=args.target, space=args.space,
+                    work_dir=args.database, max_trials=args.trials, trials_per_task=args.trials_per_task,
+                    time_limit_s=args.time_limit * 60 if args.time_limit else None,
+                    rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_workers=args.rpc_workers,
+                    only=args.only))
+    return 0
