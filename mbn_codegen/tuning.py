@@ -168,13 +168,32 @@ def _runner(cfg: TuneConfig, spec):
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
     if cfg.rpc_tracker:
+        from . import rpc as _rpc
+        from tvm.support.popen_pool import PopenPoolExecutor
+
         host, _, port = cfg.rpc_tracker.rpartition(":")
         if not host or not port.isdigit() or not cfg.rpc_key:
             raise TuningError(f"RPC_TRACKER={cfg.rpc_tracker!r} RPC_KEY={cfg.rpc_key!r}: give host:port and "
                               "the key the board's rpc_server registered with")
+        try:   # fail now, not after every candidate has waited for a board that is not there
+            n = _rpc.check_tracker(host, int(port), cfg.rpc_key)
+        except _rpc.RPCError as e:
+            raise TuningError(f"RPC_TRACKER={cfg.rpc_tracker} RPC_KEY={cfg.rpc_key}: {e}") from None
+        if n < cfg.rpc_workers:
+            print(f"note: {n} server(s) under key {cfg.rpc_key!r}, {cfg.rpc_workers} RPC workers: "
+                  "sessions will queue for a free board")
+        session_s = 120
         rpc = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=cfg.rpc_key,
-                                  session_timeout_sec=120, session_priority=1)
-        return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=cfg.rpc_workers)
+                                  session_timeout_sec=session_s, session_priority=1)
+        # create_session: TVM's tracker request waits forever once the key has no server left (a
+        # board dies mid-tune); ours gives up, so the candidate is recorded as failed.
+        runner = ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=cfg.rpc_workers,
+                                     f_create_session=_rpc.create_session)
+        # RPCRunner's pool has no timeout: a board that vanishes without closing its socket (power
+        # loss) would block a measurement forever. Backstop: waiting for a busy board + a session.
+        runner.pool.shutdown()
+        runner.pool = PopenPoolExecutor(max_workers=cfg.rpc_workers, timeout=2 * session_s + 30)
+        return runner
     if spec.run != "native":
         raise TuningError(
             f"target {spec.name!r} runs on a {spec.arch} {spec.device} board; tuning needs timings "
@@ -278,7 +297,12 @@ def tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> Path:
     log(f"tuning {len(todo)} of {len(tasks)} kernels for {spec.name} ({cfg.space} space), "
         f"{budget} trials, into {work_dir}")
     import logging
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)   # details stay in logs/
+    # MetaSchedule's console handler takes this logger's level; per-trial details stay in logs/
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)
+    # MetaSchedule's dictConfig names every handler of this logger; an unnamed one (pytest's
+    # capture, a user's) makes it crash on a second tune in the same process
+    ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
     t0 = time.time()
     state = {"t0": t0, "budget": budget, "limit": cfg.time_limit_s, "tasks": []}
     if todo and budget > 0:

@@ -30,6 +30,7 @@ def default_knobs(info: dict, lanes: int) -> dict:
 def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     """Knobs: x (pixels per register tile), f (vectors of channels per tile)."""
     k = knobs or {}
+    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
     inline_producers(sch, block)
     out = fuse_epilogue(sch, block)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
@@ -63,6 +64,7 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     reduction is unrolled in registers and the bias+ReLU epilogue is computed before the single
     store. Knob: t (threads per block)."""
     k = knobs or {}
+    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
     inline_producers(sch, block)
     out = fuse_epilogue(sch, block)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)

@@ -41,6 +41,7 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None) 
     design space, not a sampled knob: MetaSchedule traces cannot branch on sampled values.
     Knobs: x (pixels along a row in the register tile), f (vector tile), rc (channel blocking)."""
     k = knobs or {}
+    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
     inline_producers(sch, block)
     out = fuse_epilogue(sch, block)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
@@ -80,6 +81,7 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     reads (HWIO: channels contiguous) and output writes coalesce. Knobs: s, f (block/thread/inner
     tiles), rc (reduction step)."""
     k = knobs or {}
+    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
     inline_producers(sch, block)
     out = fuse_epilogue(sch, block)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
