@@ -9,16 +9,24 @@ ALPHA   ?= 1.0
 RES     ?= 224
 WEIGHTS ?=
 OUT     ?=
+SPACE   ?= ours
+TRIALS  ?= 1200
+TRIALS_PER_TASK ?= 48
+TIME_LIMIT ?=
+RPC_TRACKER ?=
+RPC_KEY ?=
 PYTEST_ARGS ?=
 ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
 export MBN_ARM64_ROOT := $(ARM64_ROOT)
 
-.PHONY: setup apt-deps arm64-sysroot test test-slow build demo cost targets clean distclean help
+.PHONY: setup apt-deps arm64-sysroot test test-slow build tune demo cost targets clean distclean help
 
 help:
 	@echo "make demo                       set up, build pretrained MobileNet v2 for this machine, classify photos"
 	@echo "make test                       set up and run the test suite (arm64 tests run under qemu)"
 	@echo "make build TARGET=arm64 [MODEL= ALPHA= RES= WEIGHTS= OUT=]   compile an artifact"
+	@echo "make tune TARGET=x86_64-avx512 [TRIALS= TRIALS_PER_TASK= TIME_LIMIT=min SPACE=ours|generic]"
+	@echo "make tune TARGET=arm64 RPC_TRACKER=host:9190 RPC_KEY=rpi4   tune on boards over TVM's RPC tracker"
 	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
 	@echo "make targets                     list the target files"
 	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"
@@ -51,6 +59,12 @@ test-slow: setup arm64-sysroot
 build: setup
 	$(VENV)/bin/mbn-codegen build --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT))
+
+tune: setup
+	$(VENV)/bin/mbn-codegen tune --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
+		--space $(SPACE) --trials $(TRIALS) --trials-per-task $(TRIALS_PER_TASK) \
+		$(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
+		$(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY))
 
 demo: setup
 	$(VENV)/bin/mbn-codegen demo

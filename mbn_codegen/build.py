@@ -37,7 +37,8 @@ class BuildConfig:
     target: str = "x86_64"
     out: str | None = None
     dump_ir: str | None = None
-    database: str | None = None       # MetaSchedule work dir (issue 3)
+    database: str | None = None       # MetaSchedule database dir; None: the target's shipped one
+    use_shipped_database: bool = True
     schedules: str = "ours"           # "ours" (our rules, NHWC) or "stock" (TVM's defaults, NCHW)
     layout: str | None = None
     seed: int = 0
@@ -113,10 +114,16 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
     np.save(tmp / "reference_input.npy", x)
     np.save(tmp / "reference_output.npy", y)
 
-    database = None
-    if cfg.database:
+    database, db_path = None, cfg.database
+    if db_path is None and cfg.use_shipped_database and cfg.schedules == "ours":
+        from .tuning import RECORDS, database_dir
+        shipped = database_dir(spec.name)
+        if (shipped / RECORDS).is_file() and (shipped / RECORDS).stat().st_size:
+            db_path = str(shipped)
+    if db_path:
         from .tuning import open_database
-        database = open_database(cfg.database)
+        log(f"tuning database: {db_path}")
+        database = open_database(db_path, log)
     target = spec.tvm_target()
     ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
                        layout=cfg.layout, database=database)
@@ -162,7 +169,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         "labels_file": labels_file,
         "schedules": cfg.schedules,
         "layout": ctx.layout,
-        "tuning_database": ({"path": str(cfg.database)} if cfg.database else None),
+        "tuning_database": _db_info(db_path),
         "kernels": ctx.notes.get("kernels", []),
         "phase_seconds": {**ctx.notes.get("phase_seconds", {}), "compile": compile_s},
         "versions": {"mbn_codegen": __version__, "tvm": TVM_VERSION, "tvm_ffi": TVM_FFI_VERSION,
@@ -176,6 +183,27 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)          # an interrupted build never leaves a half-written artifact
     n = len(manifest["kernels"])
+    by_source: dict[str, int] = {}
+    for k in manifest["kernels"]:
+        src = k["source"].split(":")[0]
+        by_source[src] = by_source.get(src, 0) + 1
+    log("kernels: " + ", ".join(f"{v} {k}" for k, v in sorted(by_source.items())) +
+        "  (tuned = database record, ours-default = our schedule untuned, tvm-stock/dlight = TVM's)")
     log(f"wrote {out}/ ({manifest['library']['bytes'] / 1e6:.1f} MB library, {n} kernels, "
         f"{manifest['built']['seconds']:.1f} s)")
     return out
+
+
+def _db_info(path: str | None) -> dict | None:
+    if not path:
+        return None
+    import json as _json
+    from .tuning import RECORDS
+    p = Path(path)
+    info = {"path": str(p), "records": sum(1 for line in (p / RECORDS).read_text().splitlines() if line.strip())
+            if (p / RECORDS).exists() else 0}
+    prov = p / "provenance.json"
+    if prov.exists():
+        runs = _json.loads(prov.read_text()).get("runs", [])
+        info["provenance"] = runs[-1] if runs else None
+    return info

@@ -13,7 +13,11 @@ def add_parser(sub) -> None:
                    "(see `mbn-codegen targets`)")
     p.add_argument("--out", help="artifact directory (default artifacts/<model>-<alpha>-<res>-<target>)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each lowering phase to DIR")
-    p.add_argument("--database", metavar="DIR", help="MetaSchedule tuning database to apply")
+    p.add_argument("--database", metavar="DIR", help="MetaSchedule tuning database to apply "
+                   "(default: the target's shipped one in targets/databases/, if any)")
+    p.add_argument("--no-database", action="store_true", help="ignore the shipped database")
+    p.add_argument("--schedules", default="ours", choices=["ours", "stock"],
+                   help="ours (default): our depthwise/pointwise schedules in NHWC; stock: TVM's defaults")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
@@ -23,6 +27,7 @@ def main(args) -> int:
     cfg = BuildConfig(model=args.model, alpha=args.alpha, resolution=args.resolution,
                       num_classes=args.num_classes, weights=args.weights, onnx=args.onnx,
                       target=args.target, out=args.out, dump_ir=args.dump_ir,
-                      database=args.database, seed=args.seed)
+                      database=args.database, use_shipped_database=not args.no_database,
+                      schedules=args.schedules, seed=args.seed)
     build(cfg)
     return 0
