@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from mbn_codegen._tvm import Schedule, tirx
 
-from . import depthwise, pointwise
+from . import dense, depthwise, pointwise
 from .common import conv_info, vector_lanes
 
-RULES = [depthwise, pointwise]          # first match wins; everything else is TVM's
+RULES = [depthwise, pointwise, dense]   # first match wins; everything else is TVM's
 
 
 def match(func):
@@ -24,6 +24,10 @@ def match(func):
         if rule.applies(func):
             return rule
     return None
+
+
+def _info(rule, func) -> dict:
+    return rule.info_of(func) if rule is dense else conv_info(func)
 
 
 def _space(rule, device: str, lanes: int) -> list[tuple[str, object]]:
@@ -42,7 +46,7 @@ def default_schedule(func, target) -> tuple[object, str] | None:
     rule = match(func)
     if rule is None:
         return None
-    info = conv_info(func)
+    info = _info(rule, func)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
     lanes = vector_lanes(target)
     if device == "cuda":
@@ -64,7 +68,7 @@ def space_fn(func, target):
     rule = match(func)
     if rule is None:
         return None
-    info = conv_info(func)
+    info = _info(rule, func)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
     spaces = _space(rule, device, vector_lanes(target))
 

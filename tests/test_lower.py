@@ -57,7 +57,7 @@ def test_kernels_classified(tmp_path):
     assert src["depthwise"].startswith("ours-default:mbn_depthwise")
     assert src["pointwise"].startswith("ours-default:mbn_pointwise")
     assert src["conv"].startswith("ours-default:mbn_pointwise")       # the 3x3 stem is a GEMM too
-    assert src["dense"] == "tvm-stock"
+    assert src["dense"].startswith("ours-default:mbn_dense")
 
 
 def test_stock_keeps_nchw_and_tvm_defaults(tmp_path):

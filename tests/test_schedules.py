@@ -165,3 +165,26 @@ def test_cuda_schedules_compile_for_sm87(tmp_path, shape):
             so = tmp_path / f"{name}.so"
             build_module(base, ctx).export_library(str(so), cc=spec.compiler())
         assert module_binary_format(so) == "fatbin"
+
+
+@pytest.mark.parametrize("target", ["x86_64", "x86_64-avx512"])
+@pytest.mark.parametrize("k,n", [(1024, 1000), (256, 10), (768, 1000)])
+def test_dense_schedule_matches(target, k, n):
+    spec = targets.load(target)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype("float32")
+    b = rng.standard_normal((n,)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, k), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.add(relax.op.matmul(x, relax.const(w)), relax.const(b)))
+        bb.emit_func_output(out)
+    ctx = LowerContext(spec.tvm_target(), "cpu", "x", ())
+    mod = dict(PHASES)["legalize-fuse"](bb.get(), ctx)
+    gv = [g for g, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and schedules.match(f)]
+    assert len(gv) == 1
+    xin = rng.standard_normal((1, k)).astype("float32")
+    for name, f in scheduled_variants(mod[gv[0]], ctx.target):
+        mod[gv[0]] = f
+        np.testing.assert_allclose(run_cpu(mod, ctx, xin), xin @ w + b, rtol=1e-4, atol=1e-3, err_msg=name)
