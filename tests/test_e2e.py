@@ -92,3 +92,18 @@ def test_user_onnx_with_batchnorm_nodes(tmp_path):
     m = load(out)
     check_correctness(m.run, path, distinct_inputs((1, 3, 128, 128), 3), model)
     assert m.manifest["model"]["name"] == "onnx:user.onnx"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedules", ["ours", "stock"])
+def test_cuda_artifact_matches_onnxruntime_on_gpu(tmp_path, schedules):
+    """Needs an NVIDIA GPU of the `cuda` target's arch (sm_90) or a copy of targets/cuda.toml
+    with the local GPU's arch passed as MBN_CUDA_TARGET."""
+    import os
+    target = os.environ.get("MBN_CUDA_TARGET", "cuda")
+    out = build(BuildConfig(alpha=0.5, resolution=128, target=target, schedules=schedules,
+                            out=str(tmp_path / "art")), log=lambda s: None)
+    m = load(out)
+    assert m.device == "cuda"
+    check_correctness(m.run, out / "model.onnx", distinct_inputs((1, 3, 128, 128), 3))
+    assert m.selfcheck()["ok"]
