@@ -15,11 +15,16 @@ TRIALS_PER_TASK ?= 48
 TIME_LIMIT ?=
 RPC_TRACKER ?=
 RPC_KEY ?=
+RPC_PORT     ?= 9190
+RPC_WORKERS  ?= 1
+RPC_SERVERS  ?= 1
+BOARD_PYTHON ?= python3
 PYTEST_ARGS ?=
 ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
 export MBN_ARM64_ROOT := $(ARM64_ROOT)
 
-.PHONY: setup apt-deps arm64-sysroot test test-slow build tune demo cost targets clean distclean help
+.PHONY: setup apt-deps arm64-sysroot test test-slow build tune demo cost targets clean distclean help \
+	rpc-tracker rpc-server rpc-server-qemu rpc-query
 
 help:
 	@echo "make demo                       set up, build pretrained MobileNet v2 for this machine, classify photos"
@@ -27,6 +32,10 @@ help:
 	@echo "make build TARGET=arm64 [MODEL= ALPHA= RES= WEIGHTS= OUT=]   compile an artifact"
 	@echo "make tune TARGET=x86_64-avx512 [TRIALS= TRIALS_PER_TASK= TIME_LIMIT=min SPACE=ours|generic]"
 	@echo "make tune TARGET=arm64 RPC_TRACKER=host:9190 RPC_KEY=rpi4   tune on boards over TVM's RPC tracker"
+	@echo "make rpc-tracker [RPC_PORT=9190]                       (host) TVM's RPC tracker; boards register with it"
+	@echo "make rpc-server RPC_TRACKER=hostip:9190 RPC_KEY=rpi4   (on the board) the server that measures for make tune"
+	@echo "make rpc-server-qemu [RPC_KEY=qemu-a72 RPC_SERVERS=1]  emulated arm64 board(s) here (plumbing only: timings mean nothing)"
+	@echo "make rpc-query [RPC_TRACKER=127.0.0.1:9190]            boards registered with a tracker"
 	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
 	@echo "make targets                     list the target files"
 	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"
@@ -64,7 +73,22 @@ tune: setup
 	$(VENV)/bin/mbn-codegen tune --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
 		--space $(SPACE) --trials $(TRIALS) --trials-per-task $(TRIALS_PER_TASK) \
 		$(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
-		$(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY))
+		$(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY) --rpc-workers $(RPC_WORKERS))
+
+rpc-tracker: setup
+	$(PY) -m mbn_codegen.rpc tracker --host 0.0.0.0 --port $(RPC_PORT)
+
+# runs on the board, with no venv from this repo: see README "Boards"
+rpc-server:
+	@test -n "$(RPC_TRACKER)" || { echo "make rpc-server: set RPC_TRACKER=<tracker host as this board sees it>:$(RPC_PORT)" >&2; exit 2; }
+	$(BOARD_PYTHON) -m tvm.exec.rpc_server --tracker $(RPC_TRACKER) --key $(or $(RPC_KEY),rpi4)
+
+rpc-server-qemu: setup arm64-sysroot
+	$(PY) -m mbn_codegen.rpc qemu-server --tracker $(or $(RPC_TRACKER),127.0.0.1:$(RPC_PORT)) \
+		--key $(or $(RPC_KEY),qemu-a72) --count $(RPC_SERVERS)
+
+rpc-query: setup
+	$(PY) -m mbn_codegen.rpc query $(or $(RPC_TRACKER),127.0.0.1:$(RPC_PORT))
 
 demo: setup
 	$(VENV)/bin/mbn-codegen demo

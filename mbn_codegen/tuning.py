@@ -267,7 +267,9 @@ def _records_per_task(db, tasks) -> list[int]:
             counts.append(0)
             continue
         wl = db.commit_workload(mod)
-        counts.append(sum(1 for r in all_recs if r.workload.same_as(wl)))
+        # failed measurements (run_secs 1e10: a board that went away) do not count as done
+        counts.append(sum(1 for r in all_recs if r.workload.same_as(wl) and r.run_secs
+                          and min(float(x) for x in r.run_secs) < 1e9))
     return counts
 
 

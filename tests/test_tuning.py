@@ -14,7 +14,7 @@ import pytest
 
 from mbn_codegen.build import BuildConfig, build
 from mbn_codegen.runtime import load
-from mbn_codegen.tuning import RECORDS, TuneConfig, TuningError, open_database, sanitize_database, tune
+from mbn_codegen.tuning import RECORDS, TuneConfig, open_database, sanitize_database, tune
 
 pytestmark = pytest.mark.tuning
 
@@ -88,11 +88,6 @@ def test_corrupt_workload_file_is_a_named_error(tmp_path):
     (tmp_path / "database_workload.json").write_text("garbage\n")
     with pytest.raises(CorruptDatabaseError, match="git checkout"):
         open_database(tmp_path)
-
-
-def test_cross_target_without_tracker_refuses(tmp_path):
-    with pytest.raises(TuningError, match="RPC_TRACKER"):
-        tune(_cfg(tmp_path, target="arm64"))
 
 
 KILL_SCRIPT = """

@@ -1,0 +1,191 @@
+"""Tuning on boards through TVM's RPC tracker, on loopback: the "boards" are RPC servers running
+under qemu-aarch64 (arm64 Python + TVM's aarch64 wheels), the tracker and the tuner run here.
+Timings measured under emulation mean nothing; these tests check the plumbing: real records come
+back from the emulated board, several boards under one key share the work, a build applies the
+records and the artifact runs, and a board dying mid-tune costs failed records, not the tune."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mbn_codegen import rpc
+from mbn_codegen.tuning import RECORDS, TuneConfig, TuningError, tune
+
+# two small kernels of v1 0.25-32: the first depthwise (stride 1) and the first pointwise
+ONLY = ["fused_conv2d1_add_relu", "fused_conv2d2_add1_relu1"]
+FAILED = 1e9          # MetaSchedule stores failed measurements as run_secs [1e10]
+
+RUN = r"""
+import json, sys
+from mbn_codegen.runtime import load, machine_arch
+m = load(sys.argv[1])
+json.dump({"arch": machine_arch(), "selfcheck": m.selfcheck()}, open(sys.argv[2], "w"))
+"""
+
+
+def _cfg(tracker, key, work_dir, **kw) -> TuneConfig:
+    return TuneConfig(target="arm64", alpha=0.25, resolution=32, only=ONLY, max_trials=8, trials_per_task=4,
+                      trials_per_iter=4, rpc_tracker=tracker.address, rpc_key=key, work_dir=str(work_dir), **kw)
+
+
+def _records(work_dir) -> list[tuple[int, list[float]]]:
+    out = []
+    for line in (Path(work_dir) / RECORDS).read_text().splitlines():
+        if line.strip():
+            wl, rec = json.loads(line)
+            out.append((wl, [float(s) for s in (rec[1] or [1e10])]))
+    return out
+
+
+def _sessions(server: rpc.RPCProcess) -> int:
+    """Modules the server loaded: one per measured candidate."""
+    return server.log_tail(10 ** 7).count("load_module")
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    tr = rpc.start_tracker()
+    yield tr
+    tr.stop()
+
+
+@pytest.mark.qemu
+@pytest.mark.tuning
+def test_remote_tune_on_emulated_boards_then_build_and_run(tracker, tmp_path):
+    """Two emulated boards under one key, two RPC workers: real records from both boards, then
+    a build that applies them and an artifact that passes its selfcheck under emulation."""
+    from mbn_codegen.build import BuildConfig, build
+    from mbn_codegen.emulation import run_python_arm64
+
+    key = "qemu-a72"
+    servers = [rpc.start_server(tracker, key, emulated=True, wait=False, log_path=tmp_path / f"server{i}.log")
+               for i in range(2)]
+    try:
+        rpc.wait_for_servers(tracker, key, count=2, ports=[s.port for s in servers], procs=servers,
+                             timeout=180)
+        summary = rpc.query_tracker(tracker.host, tracker.port)
+        assert rpc.count_servers(summary, key) == 2, rpc.format_summary(summary)
+
+        db = tune(_cfg(tracker, key, tmp_path / "db", rpc_workers=2), log=lambda s: None)
+        recs = _records(db)
+        assert len(recs) == 8 and {wl for wl, _ in recs} == {0, 1}, recs
+        good = [r for _, r in recs if max(r) < FAILED]
+        assert len(good) >= 1, f"no successful remote measurement: {recs}"
+        # every candidate was measured on an emulated board, and both boards took a share
+        per_server = [_sessions(s) for s in servers]
+        print(f"records {recs}; sessions per board {per_server}")
+        assert sum(per_server) >= len(good) and min(per_server) >= 1, per_server
+        prov = json.loads((db / "provenance.json").read_text())["runs"][-1]
+        assert prov["measured_on"] == f"rpc {tracker.address} key {key}"
+    finally:
+        for s in servers:
+            s.stop()
+
+    art = build(BuildConfig(target="arm64", alpha=0.25, resolution=32, database=str(db),
+                            out=str(tmp_path / "art")), log=lambda s: None)
+    kernels = {k["name"]: k["source"] for k in json.loads((art / "manifest.json").read_text())["kernels"]}
+    for name in ONLY:
+        assert kernels[name] == "tuned", kernels
+    assert sum(1 for s in kernels.values() if s == "tuned") == len(ONLY), kernels
+
+    (tmp_path / "run.py").write_text(RUN)
+    r = run_python_arm64([str(tmp_path / "run.py"), str(art), str(tmp_path / "out.json")], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["arch"] == "aarch64"
+    assert got["selfcheck"]["ok"], got["selfcheck"]
+
+
+@pytest.mark.qemu
+@pytest.mark.tuning
+def test_board_killed_mid_tune_records_failures_and_the_tune_finishes(tracker, tmp_path):
+    """The server dies (process group SIGTERM/SIGKILL) once the first batch's records are written;
+    the second task's candidates then fail (no board under the key) instead of waiting forever."""
+    key = "qemu-a72-dies"
+    server = rpc.start_server(tracker, key, emulated=True, log_path=tmp_path / "server.log")
+    work = tmp_path / "db"
+    killed = {}
+    done = threading.Event()
+
+    def kill_after_first_records():
+        rec = work / RECORDS
+        while not done.is_set():
+            if rec.exists() and rec.read_text().strip():
+                killed["n_records"] = len(rec.read_text().splitlines())
+                server.stop()
+                killed["at"] = time.time()
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_after_first_records, daemon=True)
+    watcher.start()
+    try:
+        t0 = time.time()
+        tune(_cfg(tracker, key, work), log=lambda s: None)          # must not raise, must not hang
+        elapsed = time.time() - t0
+    finally:
+        done.set()
+        watcher.join(5)
+        server.stop()
+    assert "at" in killed, "the tune finished before the server could be killed"
+    assert not server.alive()
+    recs = _records(work)
+    print(f"tune {elapsed:.0f} s, server killed {killed['at'] - t0:.0f} s in; records {recs}")
+    ok = [r for _, r in recs if max(r) < FAILED]
+    failed = [r for _, r in recs if max(r) >= FAILED]
+    assert len(ok) >= killed["n_records"] >= 1, recs       # measured before the kill: kept
+    assert len(failed) >= 1, recs                          # after the kill: recorded as failed
+    assert len(recs) == 8, recs
+    assert elapsed < 300, elapsed
+    # the tracker forgot the dead board
+    assert rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), key) == 0
+
+
+@pytest.mark.tuning
+def test_cross_target_without_tracker_refuses(tmp_path):
+    with pytest.raises(TuningError, match="RPC_TRACKER"):
+        tune(TuneConfig(target="arm64", alpha=0.25, resolution=32, only=ONLY, max_trials=4,
+                        work_dir=str(tmp_path / "db")), log=lambda s: None)
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.tuning
+def test_unreachable_tracker_or_missing_key_refuses_fast(tracker, tmp_path):
+    dead = rpc.free_port()
+    with pytest.raises(TuningError, match="cannot reach the RPC tracker"):
+        tune(TuneConfig(target="arm64", rpc_tracker=f"127.0.0.1:{dead}", rpc_key="rpi4",
+                        work_dir=str(tmp_path / "db")), log=lambda s: None)
+    with pytest.raises(TuningError, match="no server under key 'rpi4'"):
+        tune(TuneConfig(target="arm64", rpc_tracker=tracker.address, rpc_key="rpi4",
+                        work_dir=str(tmp_path / "db")), log=lambda s: None)
+    with pytest.raises(TuningError, match="host:port"):
+        tune(TuneConfig(target="arm64", rpc_tracker="9190", rpc_key="rpi4"), log=lambda s: None)
+
+
+def test_query_and_process_group_cleanup(tracker):
+    """A host-side server (TVM's CLI) registers; stop() kills the whole group, including the
+    popen_worker child that killing the CLI alone would leave behind."""
+    import subprocess
+
+    server = rpc.start_server(tracker, "host-cpu", log_path=None)
+    summary = rpc.query_tracker(f"{tracker.host}:{tracker.port}")
+    assert {"key": "host-cpu", "addr": server.address} in summary["servers"]
+    assert summary["queue"]["host-cpu"]["total"] == 1
+    assert "host-cpu" in rpc.format_summary(summary)
+    pgid = server.pid
+    group = subprocess.run(["ps", "-o", "pid=", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    assert len(group) >= 2, group                                 # the CLI + its popen_worker
+    server.stop()
+    time.sleep(0.3)
+    left = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    assert all(line.split()[1].startswith("Z") for line in left.strip().splitlines()), left   # zombies at most
+    deadline = time.time() + 10                                    # the tracker drops it
+    while rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") and time.time() < deadline:
+        time.sleep(0.2)
+    assert rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") == 0
+    with pytest.raises(rpc.RPCError, match="cannot reach"):
+        rpc.query_tracker("127.0.0.1", rpc.free_port())
