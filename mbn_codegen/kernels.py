@@ -1,7 +1,7 @@
 """Which schedule serves each kernel: classification of fused PrimFuncs and the schedule phase."""
 from __future__ import annotations
 
-from ._tvm import IRModule, dlight, find_anchor_sblock, relax, tirx, tvm
+from ._tvm import IRModule, Schedule, dlight, find_anchor_sblock, ms, relax, tirx, tvm
 
 
 def conv_kind(func) -> str | None:
@@ -40,9 +40,23 @@ def kernel_table(mod: IRModule) -> list[dict]:
     return sorted(rows, key=lambda r: r["name"])
 
 
+def prepacks_weights(ctx) -> bool:
+    """CPU kernels read constant weights in a layout packed for their loop order (a GEMM library
+    packs its B panel the same way): HWIO's 4 KB row stride in the 1024-channel layers put every
+    weight row of the channel loop on another page. The packing runs at compile time."""
+    return ctx.device == "cpu" and (ctx.schedules == "ours" or ctx.database is not None)
+
+
+def mark_layout_free(mod: IRModule, ctx) -> IRModule:
+    """Tell MetaSchedule which PrimFunc params are constant weights (free to re-layout); tuning
+    extracts its tasks after this too, so database keys match."""
+    return relax.transform.AttachAttrLayoutFreeBuffers()(mod) if prepacks_weights(ctx) else mod
+
+
 def apply_schedules(mod: IRModule, ctx) -> IRModule:
     kinds = {r["name"]: r["kind"] for r in kernel_table(mod)}
     source: dict[str, str] = {}
+    mod = mark_layout_free(mod, ctx)
     if ctx.database is not None:
         with ctx.target, ctx.database, tvm.transform.PassContext(opt_level=3):
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
@@ -53,12 +67,21 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
             if isinstance(f, tirx.PrimFunc) and not _scheduled(f):
                 r = schedules.default_schedule(f, ctx.target)
                 if r is not None:
-                    mod[gv] = r[0]
+                    fn = r[0]
+                    if prepacks_weights(ctx):
+                        sch = Schedule(fn)
+                        ms.postproc.RewriteLayout().apply(sch)      # what tuning's postproc does
+                        fn = sch.mod["main"]
+                    mod[gv] = fn
                     source[gv.name_hint] = f"ours-default:{r[1]}"
     if ctx.device == "cuda":
         with ctx.target:
             mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                               dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
+    if prepacks_weights(ctx):
+        # the packing blocks become their own functions on constants, then are folded away
+        mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+        mod = relax.transform.FoldConstant()(mod)
     fallback = "dlight" if ctx.device == "cuda" else "tvm-stock"
     ctx.notes["kernels"] = [{"name": n, "kind": k, "source": source.get(n, fallback)}
                             for n, k in sorted(kinds.items())]

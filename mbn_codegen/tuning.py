@@ -160,7 +160,9 @@ def prepare_module(cfg: TuneConfig, log: Callable[[str], None] = print):
         if phase == "schedule":
             break
         mod = fn(mod, ctx)
-    return spec, target, mod
+    from .kernels import mark_layout_free
+    ctx.database = "tuning" if cfg.space == "generic" else None    # prepack in both spaces
+    return spec, target, mark_layout_free(mod, ctx)
 
 
 def _runner(cfg: TuneConfig, spec):
