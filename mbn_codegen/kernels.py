@@ -49,14 +49,35 @@ def prepacks_weights(ctx) -> bool:
 
 def mark_layout_free(mod: IRModule, ctx) -> IRModule:
     """Tell MetaSchedule which PrimFunc params are constant weights (free to re-layout); tuning
-    extracts its tasks after this too, so database keys match."""
-    return relax.transform.AttachAttrLayoutFreeBuffers()(mod) if prepacks_weights(ctx) else mod
+    extracts its tasks after this too, so database keys match. (TVM's AttachAttrLayoutFreeBuffers
+    does the same but renames every kernel; this keeps the names users see in reports.)"""
+    if not prepacks_weights(ctx):
+        return mod
+    from ._tvm import Constant
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    seen: dict = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for b in block.bindings:
+                v = b.value
+                if isinstance(v, relax.Call) and v.op.same_as(call_tir):
+                    gv, args = v.args[0], v.args[1].fields
+                    idx = tuple(i for i, a in enumerate(args) if isinstance(a, Constant))
+                    seen.setdefault(gv, set()).add(idx)
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, idx_sets in seen.items():
+        if len(idx_sets) == 1:
+            out[gv] = mod[gv].with_attr("layout_free_buffers", list(next(iter(idx_sets))))
+    return out
 
 
 def apply_schedules(mod: IRModule, ctx) -> IRModule:
+    mod = mark_layout_free(mod, ctx)          # renames kernels (suffix): classify after it
     kinds = {r["name"]: r["kind"] for r in kernel_table(mod)}
     source: dict[str, str] = {}
-    mod = mark_layout_free(mod, ctx)
     if ctx.database is not None:
         with ctx.target, ctx.database, tvm.transform.PassContext(opt_level=3):
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
