@@ -7,6 +7,14 @@ in HWIO) and broadcasts x_in input values, so it issues x_in * f_in FMAs for f_i
 AVX-512 has 32 zmm registers: 4 x 2 x 16 keeps 8 accumulators, 2 weight vectors and a broadcast
 with room to spare; up to 7 x 3 (21 accumulators) still fits. AVX2 (16 ymm) wants
 x_in * f_in <= 12, NEON (32 q registers, 4 lanes) like AVX-512 in count.
+
+Weights are re-laid out at compile time for the chosen loop order (RewriteLayout, see
+mbn_codegen/kernels.py): in HWIO the 1024-channel layers put each weight row 4 KB apart, a new
+page per step of the channel loop.
+
+Measured (Xeon, AVX-512, 2 threads, knobs swept by hand): 14x14x512 k512 reaches 143 GFLOP/s with
+x_in=7, f_in=2 (72% of the 199 GFLOP/s a 2-thread SGEMM reaches); 7x7x1024 k1024 only 67 GFLOP/s
+before weight packing.
 """
 from __future__ import annotations
 
