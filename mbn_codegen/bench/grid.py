@@ -23,7 +23,7 @@ def run_grid(cfg, out, threads, res, say) -> None:
     from . import variants
     from .measure import interleaved, start_workers
     from .results import stats
-    from .run import build_variant, prepare_model, worker_spec
+    from .run import build_variant, prepare_model, snapshot_database, worker_spec
 
     points = cfg.grid_points or paper_grid()
     t = cfg.grid_threads or max(threads)
@@ -34,6 +34,11 @@ def run_grid(cfg, out, threads, res, say) -> None:
         vs = variants.resolve(cfg.grid_variants, pcfg.base_build(), cfg.target, cfg.database,
                               cfg.ms_database, onnx_only=bool(cfg.onnx))
         madds = cost_model(a, r, cfg.num_classes).total_mult_adds
+        if i == 0:
+            for v in vs:
+                if not v.ok:
+                    say(f"  {v.name}: {v.note}")
+        vs = [v for v in vs if v.ok]
         recs = {}
         for v in vs:
             recs[v.name] = {"variant": v.name, "alpha": a, "resolution": r, "threads": t, "mult_adds": madds,
@@ -42,6 +47,9 @@ def run_grid(cfg, out, threads, res, say) -> None:
         model = prepare_model(pcfg, d / "model")
         for v in vs:
             if v.ok and v.kind == "tvm":
+                if v.database:
+                    snap = out / "databases" / v.name
+                    v.build_kwargs["database"] = str(snap if snap.is_dir() else snapshot_database(v.database, snap))
                 try:
                     build_variant(v, d / v.name, out / "logs" / "build-grid.log")
                 except Exception as e:

@@ -17,7 +17,8 @@ from math import prod
 
 import numpy as np
 
-CONSISTENCY_TOLERANCE = 0.15      # |sum of kernel medians / end-to-end median - 1| must stay below
+CONSISTENCY_TOLERANCE = 0.15      # |end to end - sum of kernel medians| <= 15% of end to end ...
+VM_CALL_ALLOWANCE_US = 1.0        # ... + 1 us per VM instruction (kernel calls and VM builtins)
 
 # kernel kind (kernels.conv_kind / manifest) -> cost-model layer kind
 _KIND_TO_LAYER = {"conv": "conv", "depthwise": "dw", "pointwise": "pw", "dense": "fc", "pool": "pool"}
@@ -57,10 +58,13 @@ class LayerProfiler:
         fs = [self.kernels.time_evaluator(sym, self.dev, number=1, repeat=1, min_repeat_ms=min_repeat_ms)
               for sym, _ in self.calls]
         e2e, per_call = [], [[] for _ in self.calls]
-        for _ in range(rounds):
-            e2e.append(e2e_f(self.xt).mean * 1e3)
-            for i, (f, (_, args)) in enumerate(zip(fs, self.calls)):
-                per_call[i].append(f(*args).mean * 1e3)
+        for r in range(rounds + 1):               # round 0 warms up (allocations, caches) and is dropped
+            t = e2e_f(self.xt).mean * 1e3
+            ts = [f(*args).mean * 1e3 for f, (_, args) in zip(fs, self.calls)]
+            if r:
+                e2e.append(t)
+                for i, x in enumerate(ts):
+                    per_call[i].append(x)
         out = []
         for i, ((sym, args), samples) in enumerate(zip(self.calls, per_call)):
             shapes = [[int(d) for d in a.shape] for a in args if hasattr(a, "shape")]
@@ -70,22 +74,24 @@ class LayerProfiler:
                         "samples_ms": samples})
         return {"e2e_samples_ms": e2e, "calls": out, "other_calls": self.other_calls,
                 "method": "instrument hook (call sequence) + time_evaluator per call, "
-                          f"min_repeat_ms={min_repeat_ms}, {rounds} rounds interleaved with the whole model"}
+                          f"min_repeat_ms={min_repeat_ms}, {rounds} rounds (after one warm-up round) interleaved with "
+                          "the whole model"}
 
 
 def macs_from_shapes(kind: str, shapes: list[list[int]]) -> int | None:
-    """Mult-adds of one kernel call from its argument shapes (weights OIHW or OHWI, output last).
-    Independent of the cost model, so the two check each other; None where it cannot tell."""
-    try:
-        if kind in ("conv", "depthwise", "pointwise") and len(shapes[1]) == 4 and len(shapes[-1]) == 4:
-            return prod(shapes[-1]) * prod(shapes[1][1:])
-        if kind == "dense" and len(shapes) >= 2:
-            return prod(shapes[-1]) * shapes[0][-1]
-        if kind == "pool":
-            return 0
-    except (IndexError, TypeError):
-        pass
-    return None
+    """Mult-adds of one kernel call from its argument shapes, independent of the cost model (so
+    the two check each other) and of the weight layout (OIHW, HWIO, packed): with arguments
+    (data, weight, bias, out), mult-adds = |out| x |weight| / |bias|, since |weight| / |bias| is
+    what each output element reduces over (I/groups x kh x kw, or K for a dense layer). None where
+    the arguments are not of that form."""
+    if kind == "pool":
+        return 0
+    if kind not in ("conv", "depthwise", "pointwise", "dense") or len(shapes) != 4:
+        return None
+    out, w, b = prod(shapes[3]), prod(shapes[1]), prod(shapes[2])
+    if b <= 0 or w % b or sum(d > 1 for d in shapes[2]) != 1:
+        return None
+    return out * (w // b)
 
 
 def kernel_kind(symbol: str, manifest_kinds: dict[str, str]) -> str:
@@ -128,8 +134,13 @@ def map_to_layers(calls: list[dict], manifest_kinds: dict[str, str], cost_layers
     return rows, None
 
 
-def consistency(sum_ms: float, e2e_ms: float, tol: float = CONSISTENCY_TOLERANCE) -> dict:
-    ratio = sum_ms / e2e_ms if e2e_ms > 0 else float("nan")
+def consistency(sum_ms: float, e2e_ms: float, vm_calls: int = 0, tol: float = CONSISTENCY_TOLERANCE,
+                per_call_us: float = VM_CALL_ALLOWANCE_US) -> dict:
+    """Sum of per-kernel medians vs the end-to-end median of the same process. Passes when the gap is
+    within `tol` of end to end plus `per_call_us` per VM instruction (allocations, shape checks and
+    dispatch, measured at 0.7-1 us each on x86: they dominate the gap of sub-millisecond models)."""
+    ratio = sum_ms / e2e_ms if e2e_ms > 0 else 0.0
+    allowed = tol * e2e_ms + per_call_us * 1e-3 * vm_calls
     return {"kernel_sum_ms": sum_ms, "e2e_ms": e2e_ms, "ratio": ratio, "tolerance": tol,
-            "ok": bool(abs(ratio - 1.0) <= tol),
-            "unattributed_ms": e2e_ms - sum_ms}
+            "vm_calls": vm_calls, "per_call_allowance_us": per_call_us, "allowed_gap_ms": allowed,
+            "ok": bool(abs(e2e_ms - sum_ms) <= allowed), "unattributed_ms": e2e_ms - sum_ms}

@@ -104,11 +104,19 @@ def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker |
     return out
 
 
+SETTLE_S = 0.15
+
+
 def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
                 on_block: Callable[[str, int, list[float]], None],
-                progress: Callable[[str], None] | None = None) -> None:
+                progress: Callable[[str], None] | None = None, settle_s: float = SETTLE_S) -> None:
     """Round-robin timing. on_block(variant, round, samples_ms) is called after every block (the
-    caller records and saves), so an interruption loses at most one block."""
+    caller records and saves), so an interruption loses at most one block.
+
+    settle_s: pause before each block. Thread pools spin-wait after their last job (TVM's ~50 ms,
+    ONNX Runtime's ~30 ms, measured here as CPU time of an idle worker); without the pause the
+    previous variant's spinning threads take a core from the next one, which halved 2-thread
+    results on a 2-core machine."""
     names = list(workers)
     for name in names:                         # warm-up: caches, thread pools, lazy init
         workers[name].request({"cmd": "time", "n": 0, "warmup": warmup})
@@ -116,6 +124,7 @@ def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            time.sleep(settle_s)
             try:
                 res = workers[name].request({"cmd": "time", "n": reps, "warmup": 1})
             except WorkerError as e:

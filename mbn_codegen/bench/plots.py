@@ -29,6 +29,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _plain_log_ticks(ax, which: str = "xy") -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    f = FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in [a for n, a in (("x", ax.xaxis), ("y", ax.yaxis)) if n in which]:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(f)
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def e2e_plot(doc: dict, path: Path) -> Path | None:
     entries = [e for e in doc["e2e"] if e["stats"].get("n")]
     if not entries:
@@ -52,6 +61,7 @@ def e2e_plot(doc: dict, path: Path) -> Path | None:
     ax.set_yticks(range(len(names)), [labels[n] for n in names])
     ax.invert_yaxis()
     ax.set_xscale("log")
+    _plain_log_ticks(ax, "x")
     ax.set_xlabel("latency per image, ms (median, bars p10-p90; log scale)")
     ax.set_title("End to end, batch 1 fp32 (lighter bars: fewer threads)")
     lo = min(e["stats"]["p10"] for e in entries)
@@ -111,9 +121,13 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
         xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
         if B:
             ax.plot(xs, [min(P, x * B) for x in xs], "k-", lw=1.5,
-                    label=f"roof: SGEMM {P:.0f} GFLOP/s, copy {B:.0f} GB/s")
+                    label=f"roof: SGEMM {P:.0f} GFLOP/s, DRAM copy {B:.0f} GB/s")
         else:
             ax.axhline(P, color="k", lw=1.5, label=f"SGEMM peak {P:.0f} GFLOP/s")
+        C = peak.get("cache_bandwidth_gbs")
+        if C:
+            ax.plot(xs, [min(P, x * C) for x in xs], color="0.45", ls="--", lw=1,
+                    label=f"cache-resident copy {C:.0f} GB/s (512 KB)")
         nom = (peak.get("nominal") or {}).get("gflops")
         if nom:
             ax.axhline(nom, color="k", ls=":", lw=1, label=f"nominal {nom:.0f} GFLOP/s (assumed FMA units)")
@@ -156,6 +170,7 @@ def grid_plot(doc: dict, path: Path) -> Path | None:
                         fontweight="bold" if g.get("accuracy") is not None else "normal")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_xlabel("mult-adds, millions (cost model; log)")
     ax.set_ylabel("measured latency, ms (median; log)")
     t = pts[0]["threads"]

@@ -111,6 +111,17 @@ def build_variant(v, out: Path, log_file: Path) -> dict:
             "library_bytes": man["library"]["bytes"]}
 
 
+def snapshot_database(src: str, dst: Path) -> Path:
+    """Copy a tuning database's JSON files: the report keeps exactly what was applied, and applying
+    it (which may rewrite a truncated last line) never touches a database a tuner is writing."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).glob("*.json"):
+        shutil.copyfile(f, dst / f.name)
+    return dst
+
+
 def worker_spec(v, cfg: BenchConfig, threads: int, model: dict) -> dict:
     s = {"variant": v.name, "runtime": v.runtime, "threads": threads, "input": model["input"],
          "reference": model["reference"], "onnx": model["onnx"]}
@@ -140,7 +151,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     threads = sorted(set(cfg.threads or [1, provenance.usable_cores()]))
     vs = variants.resolve(cfg.variants, cfg.base_build(), cfg.target, cfg.database, cfg.ms_database,
                           onnx_only=bool(cfg.onnx), artifacts=cfg.artifacts)
-    dbs = {v.name: variants.database_info(v.database) for v in vs if v.database}
+    dbs = {}
+    for v in vs:
+        if v.database:
+            dbs[v.name] = variants.database_info(v.database)
+            if v.ok:                      # build from a snapshot: a tuner may be appending to the original
+                snap = snapshot_database(v.database, out / "databases" / v.name)
+                v.build_kwargs["database"] = str(snap)
+                dbs[v.name] = {**variants.database_info(str(snap)), "path": v.database, "snapshot": str(snap)}
+    for v in vs:                                  # the budget belongs in the headline's label
+        n = (dbs.get(v.name) or {}).get("tuning_records")
+        if n:
+            v.label = v.label[:-1] + f", {n} trials)" if v.label.endswith(")") else f"{v.label} ({n} trials)"
     cost = None
     if cfg.model == "mobilenet_v1" and not cfg.onnx:
         from ..cost import cost_model
@@ -232,10 +254,15 @@ def _run(cfg, out, threads, vs, res, say, vrec) -> None:
         say(f"peak at {t} thread(s) ...")
         (s, w, r), = start_workers([{"variant": "peak", "runtime": "peak", "threads": t}], logs)
         try:
-            p = w.request({"cmd": "peak", "quick": cfg.quick_peak}) if w else {}
+            p = w.request({"cmd": "peak", "quick": cfg.quick_peak}) if w else None
+        except WorkerError as e:
+            r, p = {"error": str(e)}, None
         finally:
             if w:
                 w.close()
+        if p is None:
+            p = {"threads": t, "peak_gflops": 0.0, "copy_bandwidth_gbs": 0.0,
+                 "method": f"failed: {r.get('error')}"}
         p["nominal"] = nominal_peak(t, flags, mhz, arch)
         res.doc["peak"].append(p)
         say(f"  SGEMM {p.get('peak_gflops', 0):.1f} GFLOP/s, copy {p.get('copy_bandwidth_gbs', 0):.1f} GB/s")
@@ -280,9 +307,9 @@ def _run(cfg, out, threads, vs, res, say, vrec) -> None:
                 w.close()
 
     if cfg.layers:
-        kinds_by_variant = {r["name"]: {k["name"]: k["kind"] for k in (r.get("build_facts") or {}).get("kernels", [])}
+        kinds_by_variant = {r["name"]: {k.get("symbol", k["name"]): k["kind"] for k in (r.get("build_facts") or {}).get("kernels", [])}
                             for r in res.doc["variants"]}
-        src_by_variant = {r["name"]: {k["name"]: k.get("source") for k in (r.get("build_facts") or {}).get("kernels", [])}
+        src_by_variant = {r["name"]: {k.get("symbol", k["name"]): k.get("source") for k in (r.get("build_facts") or {}).get("kernels", [])}
                           for r in res.doc["variants"]}
         for v in [v for v in vs if v.ok and v.kind == "tvm"]:
             for t in threads:
@@ -305,14 +332,15 @@ def _run(cfg, out, threads, vs, res, say, vrec) -> None:
                     row["median_ms"] = stats(row["samples_ms"])["median"]
                     row["source"] = src_by_variant.get(v.name, {}).get(row["symbol"])
                 e2e = stats(m["e2e_samples_ms"])["median"]
-                cons = L.consistency(sum(r_["median_ms"] for r_ in rows), e2e)
+                cons = L.consistency(sum(r_["median_ms"] for r_ in rows), e2e,
+                                     vm_calls=len(rows) + sum(m["other_calls"].values()))
                 res.doc["layers"].append({"variant": v.name, "threads": t, "calls": rows,
                                           "e2e_samples_ms": m["e2e_samples_ms"], "other_calls": m["other_calls"],
                                           "mapping_problem": problem, "consistency": cons, "method": m["method"]})
                 res.save()
                 say(f"  {len(rows)} kernel calls, sum {cons['kernel_sum_ms']:.2f} ms vs end to end "
                     f"{cons['e2e_ms']:.2f} ms (ratio {cons['ratio']:.2f}, {'ok' if cons['ok'] else 'OUTSIDE'} "
-                    f"±{cons['tolerance']:.0%})" + (f"; {problem}" if problem else ""))
+                    f"±{cons['tolerance']:.0%} + {cons['per_call_allowance_us']:g} us x {cons['vm_calls']} VM calls)" + (f"; {problem}" if problem else ""))
 
     if cfg.grid:
         from .grid import run_grid

@@ -12,10 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Default database folders, relative to the working directory; {target} is the target's name.
-# (Issue 3 decides where `make tune` writes; change these two lines if it differs.)
-DEFAULT_DATABASE = "databases/{target}"
-DEFAULT_MS_DATABASE = "databases/{target}-metaschedule"
+# Where `make tune` writes (mbn_codegen.tuning.database_dir: targets/databases/<target> for our
+# space, <target>-generic for TVM's generic space); these are the fallbacks, relative to the working
+# directory, if that function is missing. {target} is the target's name.
+DEFAULT_DATABASE = "targets/databases/{target}"
+DEFAULT_MS_DATABASE = "targets/databases/{target}-generic"
+# BuildConfig fields that make the generic-space build see the kernels tuning.py tuned (its
+# prepare_module lowers the "generic" space with stock schedules in NHWC).
+MS_BUILD = {"schedules": "stock", "layout": "NHWC"}
 
 TVM_VARIANTS = ("stock", "metaschedule", "ours", "ours-tuned")
 PEER_VARIANTS = ("pytorch", "onnxruntime", "openvino")
@@ -109,8 +113,16 @@ def resolve(names: list[str], base: dict, target: str, database: str | None = No
     fields = build_config_fields()
     has_schedules = "schedules" in fields
     has_tuning = importlib.util.find_spec("mbn_codegen.tuning") is not None
-    db = database or DEFAULT_DATABASE.format(target=Path(target).stem)
-    msdb = ms_database or DEFAULT_MS_DATABASE.format(target=Path(target).stem)
+    db, msdb = database, ms_database
+    if has_tuning and (db is None or msdb is None):
+        try:
+            from .. import tuning
+            db = db or str(tuning.database_dir(target, "ours"))
+            msdb = msdb or str(tuning.database_dir(target, "generic"))
+        except (ImportError, AttributeError, TypeError):
+            pass
+    db = db or DEFAULT_DATABASE.format(target=Path(target).stem)
+    msdb = msdb or DEFAULT_MS_DATABASE.format(target=Path(target).stem)
     out: list[Variant] = []
     for name in names:
         if name not in ALL_VARIANTS:
@@ -127,11 +139,13 @@ def resolve(names: list[str], base: dict, target: str, database: str | None = No
                                                    "(our schedules are issue 3)")
             elif name == "ours":
                 kw["schedules"] = "ours"
+                if "use_shipped_database" in fields:
+                    kw["use_shipped_database"] = False      # default knobs, not the tuned records
             if name in ("metaschedule", "ours-tuned") and v.status == "ok":
                 path = msdb if name == "metaschedule" else db
                 v.database = path
                 if has_schedules:
-                    kw["schedules"] = "stock" if name == "metaschedule" else "ours"
+                    kw.update(MS_BUILD if name == "metaschedule" else {"schedules": "ours"})
                 kw["database"] = path
                 if not has_tuning:
                     v.status, v.note = "unavailable", ("mbn_codegen.tuning (issue 3) is not present, "

@@ -71,9 +71,13 @@ def _openvino(spec):
     cm = core.compile_model(core.read_model(spec["onnx"]), "CPU", cfg)
     req = cm.create_infer_request()
     spec["_info"] = {"openvino": ov.__version__,
-                     "inference_precision": str(cm.get_property("INFERENCE_PRECISION_HINT")),
+                     "inference_precision": _ov_str(cm.get_property("INFERENCE_PRECISION_HINT")),
                      "threads": int(cm.get_property("INFERENCE_NUM_THREADS"))}
     return lambda x: req.infer({0: x})[0]
+
+
+def _ov_str(x) -> str:
+    return x.to_string() if hasattr(x, "to_string") else str(x)
 
 
 RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino}

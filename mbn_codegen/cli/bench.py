@@ -53,10 +53,10 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", type=_names, default=list(DEFAULT_VARIANTS), metavar="A,B,...",
                    help=f"what to measure (default {','.join(DEFAULT_VARIANTS)}; also openvino-bf16). "
                    "Unavailable ones are listed in the report with the reason")
-    p.add_argument("--database", metavar="DIR", help=f"tuning database of our schedules (ours-tuned; "
-                   f"default {DEFAULT_DATABASE})")
-    p.add_argument("--ms-database", metavar="DIR", help=f"database of TVM's generic MetaSchedule space "
-                   f"(metaschedule; default {DEFAULT_MS_DATABASE})")
+    p.add_argument("--database", metavar="DIR", help="tuning database of our schedules (ours-tuned; "
+                   f"default: where `mbn-codegen tune` writes, {DEFAULT_DATABASE})")
+    p.add_argument("--ms-database", metavar="DIR", help="database of TVM's generic MetaSchedule space "
+                   f"(metaschedule; default: where `mbn-codegen tune --space generic` writes, {DEFAULT_MS_DATABASE})")
     p.add_argument("--artifact", type=_artifact, action="append", default=[], metavar="LABEL=DIR",
                    help="also measure an already-built artifact directory (repeatable)")
     p.add_argument("--threads", type=_ints, metavar="N,M", help="thread counts (default: 1 and all cores)")

@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import MbnError
-from . import build, cost, demo, run, targets_cmd, tune
+from . import bench, build, cost, demo, run, targets_cmd, tune
 
-COMMANDS = {"build": build, "tune": tune, "cost": cost, "run": run, "demo": demo, "targets": targets_cmd}
+COMMANDS = {"build": build, "tune": tune, "bench": bench, "cost": cost, "run": run, "demo": demo, "targets": targets_cmd}
 
 
 def parser() -> argparse.ArgumentParser:
