@@ -84,3 +84,19 @@ def fuse_epilogue(sch, block):
     for b in chain[:-1]:
         sch.compute_inline(b)
     return chain[-1] if chain else None
+
+
+def cpu_conv_prologue(sch, block, rule: str, lanes: int, k: dict):
+    """The shared start of our NHWC CPU conv schedules: mark the block (the marker survives into
+    the built IR, proof of use), inline the padding, fuse the epilogue, and tile the row of
+    pixels (x) and the output channels into vectors (f). Returns the epilogue block, the vector
+    width and the loops (n, y, x0, x1, f0, f1, fv, ry, rx, rc)."""
+    sch.annotate(block, "mbn_schedule", rule)
+    inline_producers(sch, block)
+    out = fuse_epilogue(sch, block)
+    n, y, x, f, ry, rx, rc = sch.get_loops(block)
+    v = lanes_for(int(sch.get(f).extent), lanes)
+    x0, x1 = tile(sch, x, 2, 8, k.get("x"))
+    fo, fv = sch.split(f, [None, v])
+    f0, f1 = tile(sch, fo, 2, 4, k.get("f"))
+    return out, v, (n, y, x0, x1, f0, f1, fv, ry, rx, rc)

@@ -10,7 +10,8 @@ bias+ReLU epilogue, which writes the output once.
 """
 from __future__ import annotations
 
-from .common import conv_info, fuse_epilogue, inline_producers, lanes_for, largest_divisor, tile
+from .common import (conv_info, cpu_conv_prologue, fuse_epilogue, inline_producers, lanes_for,
+                     largest_divisor, tile)
 
 RULE = "mbn_depthwise"
 
@@ -29,15 +30,7 @@ def default_knobs(info: dict, lanes: int) -> dict:
 
 def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     """Knobs: x (pixels per register tile), f (vectors of channels per tile)."""
-    k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
-    inline_producers(sch, block)
-    out = fuse_epilogue(sch, block)
-    n, y, x, f, ry, rx, rc = sch.get_loops(block)
-    v = lanes_for(int(sch.get(f).extent), lanes)
-    x0, x1 = tile(sch, x, 2, 8, k.get("x"))
-    fo, fv = sch.split(f, [None, v])
-    f0, f1 = tile(sch, fo, 2, 4, k.get("f"))
+    out, v, (n, y, x0, x1, f0, f1, fv, ry, rx, rc) = cpu_conv_prologue(sch, block, RULE, lanes, knobs or {})
     sch.reorder(n, y, x0, f0, rc, ry, rx, f1, x1, fv)
     sch.parallel(sch.fuse(n, y))
     if out is not None:

@@ -18,7 +18,8 @@ before weight packing.
 """
 from __future__ import annotations
 
-from .common import conv_info, fuse_epilogue, inline_producers, lanes_for, largest_divisor, tile
+from .common import (conv_info, cpu_conv_prologue, fuse_epilogue, inline_producers, lanes_for,
+                     largest_divisor, tile)
 
 RULE = "mbn_pointwise"
 
@@ -49,14 +50,7 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None) 
     design space, not a sampled knob: MetaSchedule traces cannot branch on sampled values.
     Knobs: x (pixels along a row in the register tile), f (vector tile), rc (channel blocking)."""
     k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
-    inline_producers(sch, block)
-    out = fuse_epilogue(sch, block)
-    n, y, x, f, ry, rx, rc = sch.get_loops(block)
-    v = lanes_for(int(sch.get(f).extent), lanes)
-    x0, x1 = tile(sch, x, 2, 8, k.get("x"))
-    fo, fv = sch.split(f, [None, v])
-    f0, f1 = tile(sch, fo, 2, 4, k.get("f"))
+    out, v, (n, y, x0, x1, f0, f1, fv, ry, rx, rc) = cpu_conv_prologue(sch, block, RULE, lanes, k)
     rc0, rc1 = tile(sch, rc, 2, 64, k.get("rc"))
     outer = [n, y, x0, f0] if order == 0 else [n, f0, y, x0]
     sch.reorder(*outer, rc0, ry, rx, rc1, x1, f1, fv)
