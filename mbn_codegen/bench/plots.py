@@ -113,7 +113,7 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
            if c.get("mult_adds") and c["kind"] in KIND_COLORS and c["median_ms"] > 0 and c["bytes"] > 0]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     ai = [2 * c["mult_adds"] / c["bytes"] for _, c in pts]
     lo, hi = min(ai) / 2, max(ai) * 2
     if peak and peak.get("peak_gflops"):
@@ -145,8 +145,8 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity, FLOP per byte (2 x mult-adds / bytes of all kernel arguments)")
     ax.set_ylabel("achieved GFLOP/s")
-    ax.set_title(f"Roofline, {t} thread{'s' if t > 1 else ''}: depthwise is bandwidth-starved, pointwise is GEMM")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"Roofline, {t} thread{'s' if t > 1 else ''}: depthwise (red) vs pointwise (blue) kernels, per layer")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(which="both", alpha=0.25)
     return _save(fig, path)
 
@@ -162,7 +162,10 @@ def grid_plot(doc: dict, path: Path) -> Path | None:
         ax.scatter([g["mult_adds"] / 1e6 for g in ps], [g["stats"]["median"] for g in ps],
                    color=color(n, i), marker=MARKERS[i % len(MARKERS)], s=40, label=n, zorder=3)
         for g in ps:
-            lab = f"{g['alpha']:g}-{g['resolution']}"
+            if n != names[0]:                 # one label per grid point, on the first series
+                continue
+            a = f"{g['alpha']:g}" + (".0" if float(g["alpha"]).is_integer() else "")
+            lab = f"{a}-{g['resolution']}"
             if g.get("accuracy") is not None:
                 lab += f"  {g['accuracy']:.1f}%"
             ax.annotate(lab, (g["mult_adds"] / 1e6, g["stats"]["median"]), fontsize=6.5,

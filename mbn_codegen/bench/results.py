@@ -69,7 +69,7 @@ def schema() -> dict:
 def validate(doc: dict) -> list[str]:
     """Errors against schema.json (empty = valid). jsonschema when installed, else a small
     validator for the subset the schema uses (type, required, properties, additionalProperties,
-    items, enum, minimum, minItems, local $ref)."""
+    items, enum, minimum, minItems, anyOf, local $ref)."""
     sch = schema()
     try:
         import jsonschema
@@ -97,6 +97,9 @@ def _validate(x, s: dict, where: str, root: dict) -> list[str]:
         for part in s["$ref"].lstrip("#/").split("/"):
             node = node[part]
         return _validate(x, node, where, root)
+    if "anyOf" in s:
+        if all(_validate(x, sub, where, root) for sub in s["anyOf"]):
+            return [f"{where}: matches none of anyOf"]
     if "type" in s:
         types = s["type"] if isinstance(s["type"], list) else [s["type"]]
         if not any(_is(x, t) for t in types):

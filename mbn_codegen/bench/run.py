@@ -330,17 +330,22 @@ def _run(cfg, out, threads, vs, res, say, vrec) -> None:
                                                 res.doc["model"]["cost_layers"])
                 for row in rows:
                     row["median_ms"] = stats(row["samples_ms"])["median"]
-                    row["source"] = src_by_variant.get(v.name, {}).get(row["symbol"])
+                    row["cold_median_ms"] = (stats(row["cold_samples_ms"])["median"]
+                                             if row.get("cold_samples_ms") else None)
+                    row["source"] = L.manifest_lookup(row["symbol"], src_by_variant.get(v.name, {}))
                 e2e = stats(m["e2e_samples_ms"])["median"]
-                cons = L.consistency(sum(r_["median_ms"] for r_ in rows), e2e,
+                cold = (sum(r_["cold_median_ms"] for r_ in rows)
+                        if all(r_["cold_median_ms"] is not None for r_ in rows) else None)
+                cons = L.consistency(sum(r_["median_ms"] for r_ in rows), cold, e2e,
                                      vm_calls=len(rows) + sum(m["other_calls"].values()))
                 res.doc["layers"].append({"variant": v.name, "threads": t, "calls": rows,
                                           "e2e_samples_ms": m["e2e_samples_ms"], "other_calls": m["other_calls"],
                                           "mapping_problem": problem, "consistency": cons, "method": m["method"]})
                 res.save()
-                say(f"  {len(rows)} kernel calls, sum {cons['kernel_sum_ms']:.2f} ms vs end to end "
-                    f"{cons['e2e_ms']:.2f} ms (ratio {cons['ratio']:.2f}, {'ok' if cons['ok'] else 'OUTSIDE'} "
-                    f"±{cons['tolerance']:.0%} + {cons['per_call_allowance_us']:g} us x {cons['vm_calls']} VM calls)" + (f"; {problem}" if problem else ""))
+                say(f"  {len(rows)} kernel calls: warm sum {cons['kernel_sum_ms']:.2f} ms, cold sum "
+                    f"{cons['cold_kernel_sum_ms'] or 0:.2f} ms, end to end {cons['e2e_ms']:.2f} ms: "
+                    f"{'consistent' if cons['ok'] else 'NOT bracketed'} ({cons['lower_ms']:.2f}..{cons['upper_ms']:.2f})"
+                    + (f"; {problem}" if problem else ""))
 
     if cfg.grid:
         from .grid import run_grid
