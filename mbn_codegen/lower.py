@@ -66,7 +66,9 @@ def _fold_bn_into_conv(mod: IRModule, _ctx: LowerContext) -> IRModule:
     """conv2d(x, W) -> batch_norm(.., g, b, mean, var)[0]  ==>  conv2d(x, W*s) + (b - mean*s),
     s = g / sqrt(var + eps). Removes the BN from the graph instead of leaving four elementwise
     ops per layer for the fuser."""
-    from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
+    from ._tvm import dpl
+    is_const, is_op, is_tuple_get_item, rewrite_call, wildcard = (
+        dpl.is_const, dpl.is_op, dpl.is_tuple_get_item, dpl.rewrite_call, dpl.wildcard)
 
     w = is_const()
     conv = is_op("relax.nn.conv2d")(wildcard(), w)

@@ -118,10 +118,9 @@ class TuneConfig:
 def _fast_build(mod, target, _params):
     """MetaSchedule's default_build without `import tvm.s_tir.tensor_intrin` (~28 s of CPU per
     fresh builder worker here, which made every candidate time out)."""
-    from tvm.driver import build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from ._tvm import RemoveWeightLayoutRewriteBlock, tir_build
 
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return tir_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _export_aarch64(mod) -> str:
@@ -171,7 +170,7 @@ def _runner(cfg: TuneConfig, spec):
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
     if cfg.rpc_tracker:
         from . import rpc as _rpc
-        from tvm.support.popen_pool import PopenPoolExecutor
+        from ._tvm import PopenPoolExecutor
 
         host, _, port = cfg.rpc_tracker.rpartition(":")
         if not host or not port.isdigit() or not cfg.rpc_key:
@@ -206,7 +205,7 @@ def _runner(cfg: TuneConfig, spec):
 
 def _progress_callback(state: dict, log):
     from ._tvm import ms
-    from tvm.ir.utils import derived_object
+    from ._tvm import derived_object
 
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
