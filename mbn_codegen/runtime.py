@@ -58,17 +58,23 @@ def machine_arch() -> str:
     return _ARCH_ALIASES.get(m, m)
 
 
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" in line:
+                k, v = (x.strip() for x in line.split(":", 1))
+                info.setdefault(k, v)
+    except OSError:
+        pass
+    return info
+
+
 def cpu_flags() -> set[str]:
     """SIMD flags from /proc/cpuinfo: x86 lists them as `flags`, arm64 as `Features`. Empty when
     the file does not describe this architecture (qemu-user shows the host's), so no check then."""
-    key = "Features" if machine_arch() == "aarch64" else "flags"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == key:
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo().get("Features" if machine_arch() == "aarch64" else "flags", "").split())
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -335,13 +335,8 @@ def tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .runtime import cpuinfo
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def _write_provenance(work_dir: Path, cfg: TuneConfig, spec, budget, elapsed, tvm_v, ffi_v) -> None:

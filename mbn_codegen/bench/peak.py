@@ -79,10 +79,5 @@ def nominal_peak(threads: int, flags: set[str], mhz: float | None, arch: str) ->
 
 
 def _vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
+    from ..runtime import cpuinfo
+    return cpuinfo().get("vendor_id") or os.uname().machine

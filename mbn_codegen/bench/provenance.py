@@ -11,27 +11,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..runtime import cpu_flags, cpuinfo as _cpuinfo  # noqa: F401  (cpu_flags: re-exported)
+
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
               "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "asimddp", "fphp", "sve")
 PACKAGES = ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime", "openvino", "onnx", "numpy",
             "matplotlib", "mbn-codegen")
-
-
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                info.setdefault(k, v)
-    except OSError:
-        pass
-    return info
-
-
-def cpu_flags() -> set[str]:
-    c = _cpuinfo()
-    return set((c.get("flags") or c.get("Features") or "").split())
 
 
 def cpu_mhz() -> float | None:
