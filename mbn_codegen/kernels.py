@@ -44,7 +44,11 @@ def prepacks_weights(ctx) -> bool:
     """CPU kernels read constant weights in a layout packed for their loop order (a GEMM library
     packs its B panel the same way): HWIO's 4 KB row stride in the 1024-channel layers put every
     weight row of the channel loop on another page. The packing runs at compile time."""
-    return ctx.device == "cpu" and (ctx.schedules == "ours" or ctx.database is not None)
+    if ctx.device != "cpu":
+        return False
+    if ctx.prepack_weights is not None:
+        return ctx.prepack_weights
+    return ctx.schedules == "ours" or ctx.database is not None
 
 
 def mark_layout_free(mod: IRModule, ctx) -> IRModule:

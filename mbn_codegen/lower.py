@@ -26,6 +26,7 @@ class LowerContext:
     schedules: str = "ours"            # "ours": our rules (NHWC); "stock": TVM's defaults (NCHW)
     layout: str | None = None          # None: NHWC with our schedules, NCHW for stock
     database: object | None = None     # a MetaSchedule database; its records win where present
+    prepack_weights: bool | None = None  # None: on CPU with our schedules or a database
     notes: dict = field(default_factory=dict)   # phases report what they did here
 
     @property

@@ -160,7 +160,7 @@ def prepare_module(cfg: TuneConfig, log: Callable[[str], None] = print):
             break
         mod = fn(mod, ctx)
     from .kernels import mark_layout_free
-    ctx.database = "tuning" if cfg.space == "generic" else None    # prepack in both spaces
+    ctx.prepack_weights = True          # both spaces: the builds that apply their records do
     return spec, target, mark_layout_free(mod, ctx)
 
 
