@@ -41,3 +41,18 @@ def check_correctness(run, onnx_path, inputs, torch_model=None, rtol: float = RT
             f"outputs for different inputs differ by only {spread:.3g} (scale {scale:.3g}): "
             "the network's activations are dead, so agreement would prove nothing")
     return worst
+
+
+def cannot_run_here(target_name: str) -> str | None:
+    """Why code compiled for this target would crash on this CPU (SIGILL kills pytest with no
+    report), or None when it runs here. Building for such a target stays tested; running does not."""
+    from mbn_codegen import targets
+    from mbn_codegen.runtime import cpu_flags, machine_arch
+
+    spec = targets.load(target_name)
+    if spec.arch != machine_arch():
+        return f"target {target_name} is {spec.arch}, this machine is {machine_arch()}"
+    missing = set(spec.required_cpu_flags) - cpu_flags()
+    if cpu_flags() and missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}, which target {target_name} compiles in"
+    return None
