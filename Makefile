@@ -13,6 +13,7 @@ SPACE   ?= ours
 TRIALS  ?= 1200
 TRIALS_PER_TASK ?= 48
 TIME_LIMIT ?=
+DB      ?=
 BENCH_ARGS ?=
 RPC_TRACKER ?=
 RPC_KEY ?=
@@ -31,7 +32,8 @@ help:
 	@echo "make demo                       set up, build pretrained MobileNet v2 for this machine, classify photos"
 	@echo "make test                       set up and run the test suite (arm64 tests run under qemu)"
 	@echo "make build TARGET=arm64 [MODEL= ALPHA= RES= WEIGHTS= OUT=]   compile an artifact"
-	@echo "make tune TARGET=x86_64-avx512 [TRIALS= TRIALS_PER_TASK= TIME_LIMIT=min SPACE=ours|generic]"
+	@echo "make tune TARGET=x86_64-avx512 [TRIALS= TRIALS_PER_TASK= TIME_LIMIT=minutes SPACE=ours|generic DB=dir]"
+	@echo "                                 tunes into your per-user database; DB=targets/databases/<target> refreshes the shipped one"
 	@echo "make tune TARGET=arm64 RPC_TRACKER=host:9190 RPC_KEY=rpi4   tune on boards over TVM's RPC tracker"
 	@echo "make rpc-tracker [RPC_PORT=9190]                       (host) TVM's RPC tracker; boards register with it"
 	@echo "make rpc-server RPC_TRACKER=hostip:9190 RPC_KEY=rpi4   (on the board) the server that measures for make tune"
@@ -74,7 +76,7 @@ build: setup
 tune: setup
 	$(VENV)/bin/mbn-codegen tune --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
 		--space $(SPACE) --trials $(TRIALS) --trials-per-task $(TRIALS_PER_TASK) \
-		$(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
+		$(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) $(if $(DB),--database $(DB)) \
 		$(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY) --rpc-workers $(RPC_WORKERS))
 
 rpc-tracker: setup

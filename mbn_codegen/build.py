@@ -114,16 +114,11 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
     np.save(tmp / "reference_input.npy", x)
     np.save(tmp / "reference_output.npy", y)
 
-    database, db_path = None, cfg.database
-    if db_path is None and cfg.use_shipped_database and cfg.schedules == "ours":
-        from .tuning import RECORDS, database_dir
-        shipped = database_dir(spec.name)
-        if (shipped / RECORDS).is_file() and (shipped / RECORDS).stat().st_size:
-            db_path = str(shipped)
+    from .database import open_database, select
+    database, db_path = None, select(spec, cfg.database, log=log,
+                                     automatic=cfg.use_shipped_database and cfg.schedules == "ours")
     if db_path:
-        from .tuning import open_database
-        log(f"tuning database: {db_path}")
-        database = open_database(db_path, log)
+        database = open_database(db_path.path, log, writable=False)
     target = spec.tvm_target()
     ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
                        layout=cfg.layout, database=database)
@@ -194,16 +189,5 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
     return out
 
 
-def _db_info(path: str | None) -> dict | None:
-    if not path:
-        return None
-    import json as _json
-    from .tuning import RECORDS
-    p = Path(path)
-    info = {"path": str(p), "records": sum(1 for line in (p / RECORDS).read_text().splitlines() if line.strip())
-            if (p / RECORDS).exists() else 0}
-    prov = p / "provenance.json"
-    if prov.exists():
-        runs = _json.loads(prov.read_text()).get("runs", [])
-        info["provenance"] = runs[-1] if runs else None
-    return info
+def _db_info(selected) -> dict | None:
+    return selected.manifest() if selected else None

@@ -43,3 +43,27 @@ class ArtifactError(MbnError):
 
 class SelfCheckError(MbnError):
     pass
+
+
+class TuningError(MbnError):
+    """A tune that cannot start: bad budget, space, kernel name, board or tracker."""
+
+
+class DatabaseError(MbnError):
+    """A tuning database that cannot be used as it is."""
+
+
+class CorruptDatabaseError(DatabaseError):
+    pass
+
+
+class DatabaseLockedError(DatabaseError):
+    """Another live tune holds the database's lock."""
+
+
+class ForeignDatabaseError(DatabaseError):
+    """Records tuned for a target whose CPU features the build target lacks."""
+
+
+class UnknownKernelError(TuningError):
+    """`tune --only` names no kernel of the model."""

@@ -1,97 +1,40 @@
 """MetaSchedule tuning with our schedules as the design space for depthwise/pointwise kernels
-(TVM's generic space for the rest), resumable per-target databases, local or over an RPC tracker.
+(TVM's generic space for the rest), resumable per-target databases (layout, location and lock:
+mbn_codegen.database), local or over an RPC tracker.
 
-Databases live in `targets/databases/<target>/` (installed with the package; `--database DIR`
-elsewhere): database_workload.json + database_tuning_record.json (MetaSchedule's JSON lines,
-appended one record per measured candidate, so a killed run keeps every finished measurement)
-and provenance.json (who tuned what, where, with which budget).
+How a tune proceeds, and what an interruption costs. Tasks take turns (TVM's round-robin task
+scheduler); each turn generates a batch of `trials_per_iter` candidates (default 8), builds them,
+measures them, and only then, when MetaSchedule's AddToDatabase callback runs, appends one JSON
+line per candidate to database_tuning_record.json (TVM's JSONDatabase opens, writes, flushes and
+closes the file per record, so a written line is in the OS's hands at once). The runner is waited
+for inside each turn, so at most one batch is ever uncommitted and building never competes with a
+measurement for the CPU. The progress line of a batch is printed after its records are written.
+- SIGKILL (or a crash, or a power cut after the OS flushed its cache) loses the batch being built
+  or measured: at most `trials_per_iter` candidates, never a batch whose progress line was
+  printed. A line cut in half by the kill is set aside as *.corrupt-<time> by the next tune or
+  build. The lock it leaves behind is recognised as stale (its pid is gone) and taken over.
+- Ctrl-C (SIGINT) loses the same batch, then writes provenance marked "interrupted", releases the
+  lock, and the CLI exits 130.
+- --time-limit stops between batches: the batch running when the limit passes is finished and
+  kept, no new one starts, provenance says "time limit".
+A resumed tune counts each kernel's measured records and only tunes the kernels short of
+`trials_per_task`, seeded from their records.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
+import difflib
+import logging
 import os
-import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import targets
-from .errors import MbnError
-
-DB_ROOT = Path(targets.HERE) / "databases"
-WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
-
-
-class TuningError(MbnError):
-    pass
-
-
-class CorruptDatabaseError(MbnError):
-    pass
-
-
-def database_dir(target: str, space: str = "ours") -> Path:
-    name = Path(str(target)).stem
-    return DB_ROOT / (name if space == "ours" else f"{name}-{space}")
-
-
-def sanitize_database(work_dir: str | os.PathLike, log: Callable[[str], None] = print) -> int:
-    """Check every JSON line; a corrupt or truncated line (a run killed mid-write, a bad merge) is
-    reported and dropped, the original kept beside it as *.corrupt. Returns lines dropped."""
-    work_dir = Path(work_dir)
-    wl_path, rec_path = work_dir / WORKLOADS, work_dir / RECORDS
-    dropped = 0
-    n_workloads = None
-    for path in (wl_path, rec_path):
-        if not path.exists():
-            continue
-        good, bad = [], []
-        for i, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                ok = isinstance(item, list) and len(item) == 2
-                if ok and path is rec_path:
-                    ok = isinstance(item[0], int) and (n_workloads is None or 0 <= item[0] < n_workloads)
-                    ok = ok and isinstance(item[1], list) and len(item[1]) >= 2
-            except json.JSONDecodeError:
-                ok = False
-            (good if ok else bad).append((i, line))
-        if path is wl_path:
-            if bad:
-                raise CorruptDatabaseError(
-                    f"{path}: line(s) {', '.join(str(i) for i, _ in bad[:10])} are not valid workload "
-                    "entries; the records that point at them cannot be trusted. Restore the file from "
-                    "git (`git checkout -- <file>`) or delete the database folder to start again")
-            n_workloads = len(good)
-        if bad:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            shutil.copyfile(path, path.with_name(path.name + f".corrupt-{stamp}"))
-            path.write_text("".join(line + "\n" for _, line in good))
-            log(f"warning: {path}: skipped {len(bad)} corrupt line(s) "
-                f"({', '.join(str(i) for i, _ in bad[:10])}{'...' if len(bad) > 10 else ''}); "
-                f"original kept as {path.name}.corrupt-{stamp}")
-            dropped += len(bad)
-    return dropped
-
-
-def open_database(work_dir: str | os.PathLike, log: Callable[[str], None] = print):
-    from ._tvm import ms
-
-    work_dir = Path(work_dir)
-    if not work_dir.is_dir():
-        raise TuningError(f"tuning database {work_dir} does not exist; tune first "
-                          "(`make tune TARGET=...`) or leave --database out")
-    sanitize_database(work_dir, log)
-    try:
-        return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
-    except Exception as e:
-        raise CorruptDatabaseError(f"cannot read tuning database {work_dir}: {str(e).splitlines()[-1]}; "
-                                   "delete it or restore it from git") from None
+# database_dir, RECORDS, CorruptDatabaseError: kept importable from here for the bench and tests
+from .database import (LOGS, RECORDS, DatabaseLock, database_dir, measured, open_database,  # noqa: F401
+                       sanitize_database, summary, user_dir, write_provenance)
+from .errors import CorruptDatabaseError, ForeignDatabaseError, TuningError, UnknownKernelError  # noqa: F401
 
 
 @dataclass
@@ -103,16 +46,17 @@ class TuneConfig:
     onnx: str | None = None
     target: str = "x86_64"
     space: str = "ours"                  # "ours" | "generic" (TVM's own space, for comparison)
-    work_dir: str | None = None
+    work_dir: str | None = None          # None: the user's database, mbn_codegen.database.user_dir
     max_trials: int = 1000               # all tasks together
     trials_per_task: int = 64
-    trials_per_iter: int = 16
+    trials_per_iter: int = 8             # the most a SIGKILL can lose
     time_limit_s: float | None = None
     rpc_tracker: str | None = None       # "host:port"
     rpc_key: str | None = None
     rpc_workers: int = 1                 # boards measuring in parallel under the key
     seed: int = 0
     only: list[str] = field(default_factory=list)     # tune only kernels whose name contains these
+    wait: bool = False                   # queue behind another tune of the same database
 
 
 def _fast_build(mod, target, _params):
@@ -164,7 +108,7 @@ def prepare_module(cfg: TuneConfig, log: Callable[[str], None] = print):
     return spec, target, mark_layout_free(mod, ctx)
 
 
-def _runner(cfg: TuneConfig, spec):
+def _runner(cfg: TuneConfig, spec, log):
     from ._tvm import ms
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
@@ -181,7 +125,7 @@ def _runner(cfg: TuneConfig, spec):
         except _rpc.RPCError as e:
             raise TuningError(f"RPC_TRACKER={cfg.rpc_tracker} RPC_KEY={cfg.rpc_key}: {e}") from None
         if n < cfg.rpc_workers:
-            print(f"note: {n} server(s) under key {cfg.rpc_key!r}, {cfg.rpc_workers} RPC workers: "
+            log(f"note: {n} server(s) under key {cfg.rpc_key!r}, {cfg.rpc_workers} RPC workers: "
                   "sessions will queue for a free board")
         session_s = 120
         rpc = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=cfg.rpc_key,
@@ -203,15 +147,77 @@ def _runner(cfg: TuneConfig, spec):
     return ms.runner.LocalRunner(evaluator_config=evaluator)
 
 
-def _progress_callback(state: dict, log):
-    from ._tvm import ms
-    from ._tvm import derived_object
+def _measure_now(runner):
+    """The runner, waited for inside each turn: the task scheduler then commits a batch before the
+    next one is built (TVM otherwise measures in the background and commits later)."""
+    from ._tvm import derived_object, ms
+
+    @derived_object
+    class MeasureNow(ms.runner.PyRunner):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def run(self, runner_inputs):
+            futures = self.inner.run(runner_inputs)
+            while not all(f.done() for f in futures):
+                time.sleep(0.02)
+            return futures
+
+    return MeasureNow(runner)
+
+
+def _stoppable(strategy, state: dict):
+    """A search strategy that proposes no further batch once the time limit has passed: the task
+    scheduler then ends each task itself (terminating tasks from a callback trips its checks)."""
+    from ._tvm import derived_object, ms
+
+    @derived_object
+    class Stoppable(ms.search_strategy.PySearchStrategy):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def _initialize_with_tune_context(self, context):
+            self.inner._initialize_with_tune_context(context)
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self):
+            self.inner.post_tuning()
+
+        def generate_measure_candidates(self):
+            if _time_is_up(state):
+                return None
+            return self.inner.generate_measure_candidates()
+
+        def notify_runner_results(self, measure_candidates, results):
+            self.inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self):
+            return Stoppable(self.inner.clone())
+
+    return Stoppable(strategy)
+
+
+def _time_is_up(state: dict) -> bool:
+    if state.get("stopped"):
+        return True
+    if state["limit"] is not None and time.time() - state["t0"] > state["limit"]:
+        state["stopped"] = True
+        state["log"](f"time limit {state['limit'] / 60:g} min reached: no new batch is started")
+        return True
+    return False
+
+
+def _progress_callback(state: dict):
+    """One line per committed batch (it runs after AddToDatabase)."""
+    from ._tvm import derived_object, ms
 
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            if not runner_results:
-                return
             st = state["tasks"][task_id]
             for br, rr in zip(builder_results, runner_results):
                 st["trials"] += 1
@@ -220,24 +226,18 @@ def _progress_callback(state: dict, log):
                     st["best"] = min(st.get("best") or 1e30, t)
                 else:
                     st["failed"] += 1
-            done = sum(s["trials"] for s in state["tasks"])
+            state["done"] += len(runner_results)
+            done, total = state["done"], state["budget"]
             elapsed = time.time() - state["t0"]
-            total = state["budget"]
             eta = elapsed / max(done, 1) * max(total - done, 0)
             best = f"{st['best'] * 1e6:9.1f} us" if st.get("best") else "      n/a"
-            log(f"[{elapsed:6.0f}s] task {task_id:2d} {st['name'][:38]:<38} {st['trials']:4d} trials "
-                f"({st['failed']} failed)  best {best}   all: {done}/{total}  ETA {eta / 60:5.1f} min")
-            if state["limit"] and elapsed > state["limit"]:
-                if not state.get("stopped"):
-                    log(f"time limit {state['limit']:.0f} s reached: finishing the running batch")
-                    state["stopped"] = True
-                for i in range(len(state["tasks"])):
-                    task_scheduler.terminate_task(i)
+            state["log"](f"[{elapsed:6.0f}s] {st['name'][:38]:<38} {st['trials']:4d}/{st['budget']} trials "
+                         f"({st['failed']} failed)  best {best}   all {done}/{total}  ETA {eta / 60:5.1f} min")
 
     return Progress()
 
 
-def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path):
+def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path, state: dict):
     """Our kernels get our rule as their whole design space (ScheduleFn: only our primitives, no
     generic rules on top); the rest get TVM's generic space. Same order as `group`."""
     from ._tvm import ms
@@ -252,107 +252,165 @@ def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path):
                 space = ms.space_generator.ScheduleFn(fn)
         c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [t], work_dir=str(work_dir), space=space, seed=cfg.seed,
-            strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16,
-                                                           genetic_num_iters=2))
+            strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
+                population_size=64, init_min_unmeasured=16, genetic_num_iters=2), state))
         ctxs += list(c)
         weights += list(w)
     return ctxs, weights
 
 
-def _records_per_task(db, tasks) -> list[int]:
-    counts = []
+def _measured_per_task(db, tasks) -> list[int]:
     all_recs = db.get_all_tuning_records()
+    counts = []
     for t in tasks:
         mod = t.dispatched[0]
         if not db.has_workload(mod):
             counts.append(0)
             continue
         wl = db.commit_workload(mod)
-        # failed measurements (run_secs 1e10: a board that went away) do not count as done
-        counts.append(sum(1 for r in all_recs if r.workload.same_as(wl) and r.run_secs
-                          and min(float(x) for x in r.run_secs) < 1e9))
+        # failed measurements (a board that went away) do not count as done
+        counts.append(sum(1 for r in all_recs if r.workload.same_as(wl) and measured(r.run_secs)))
     return counts
 
 
+def _select(tasks, only: list[str]):
+    if not only:
+        return tasks
+    names = [t.task_name for t in tasks]
+    unknown = [s for s in only if not any(s in n for n in names)]
+    if unknown:
+        hints = []
+        for s in unknown:
+            close = difflib.get_close_matches(s, names, n=3, cutoff=0.6)
+            hints.append(f"{s!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise UnknownKernelError(f"--only {', '.join(hints)}: no such kernel in this model. Its kernels are: "
+                                 f"{', '.join(names)}")
+    return [t for t in tasks if any(s in t.task_name for s in only)]
+
+
+def _quiet_tvm_console() -> None:
+    """MetaSchedule's dictConfig (run per tune context) gives its logger a console handler at the
+    logger's level (then DEBUG): its file handler (logs/) keeps everything, the console nothing."""
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.ERROR)     # the level the next dictConfig's console handler takes
+    for h in list(ms_logger.handlers):
+        if h.get_name() and h.get_name().endswith(".console"):
+            ms_logger.removeHandler(h)
+    # its dictConfig names every handler of this logger; an unnamed one (pytest's capture, a
+    # user's) makes the next tune in this process crash
+    ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
+    ms_logger.propagate = False
+
+
+def _is_interrupt(e: BaseException) -> bool:
+    # a KeyboardInterrupt raised inside a Python callback reaches us through TVM's C++ as an error
+    # whose text names it
+    return isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e)
+
+
 def tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> Path:
-    from ._tvm import TVM_FFI_VERSION, TVM_VERSION, ms
     if cfg.space not in ("ours", "generic"):
         raise TuningError(f"space {cfg.space!r}: use 'ours' or 'generic'")
+    if cfg.time_limit_s is not None and cfg.time_limit_s <= 0:
+        raise TuningError(f"time limit {cfg.time_limit_s} s: give a positive limit, or none")
     spec = targets.load(cfg.target)
-    runner = _runner(cfg, spec)
+    runner = _runner(cfg, spec, log)      # an absent board or tracker fails before anything is written
     if spec.cross_compiler:
         spec.compiler()
-    work_dir = Path(cfg.work_dir) if cfg.work_dir else database_dir(spec.name, cfg.space)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(cfg.work_dir) if cfg.work_dir else user_dir(spec.name, cfg.space)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        probe = work_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TuningError(f"cannot write the tuning database {work_dir} ({e.strerror}); pass "
+                          "--database DIR with a folder you can write") from None
+    foreign = summary(work_dir).targets() - {spec.name}
+    if foreign:
+        raise ForeignDatabaseError(
+            f"{work_dir} holds records tuned for {', '.join(sorted(foreign))}; tuning {spec.name} into "
+            f"it would mix targets. Tune into another --database, or delete {work_dir} to start again")
+    with DatabaseLock(work_dir, wait=cfg.wait, log=log):
+        return _tune_locked(cfg, spec, work_dir, runner, log)
+
+
+def _tune_locked(cfg: TuneConfig, spec, work_dir: Path, runner, log) -> Path:
+    from ._tvm import TVM_FFI_VERSION, TVM_VERSION, ms
+
     sanitize_database(work_dir, log)
     spec, target, mod = prepare_module(cfg, log)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    if cfg.only:
-        tasks = [t for t in tasks if any(s in t.task_name for s in cfg.only)]
+    tasks = _select(ms.relax_integration.extract_tasks(mod, target), cfg.only)
     db = open_database(work_dir, log)
-    done = _records_per_task(db, tasks)
+    done = _measured_per_task(db, tasks)
     todo = [(t, max(cfg.trials_per_task - d, 0)) for t, d in zip(tasks, done)]
     skipped = [t.task_name for t, r in todo if r == 0]
     if skipped:
-        log(f"{len(skipped)} task(s) already tuned to {cfg.trials_per_task} trials: skipped")
+        log(f"{len(skipped)} kernel(s) already tuned to {cfg.trials_per_task} trials: skipped")
     todo = [(t, r) for t, r in todo if r > 0]
     budget = min(cfg.max_trials, sum(r for _, r in todo))
-    log(f"tuning {len(todo)} of {len(tasks)} kernels for {spec.name} ({cfg.space} space), "
-        f"{budget} trials, into {work_dir}")
-    import logging
-    # MetaSchedule's console handler takes this logger's level; per-trial details stay in logs/
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    ms_logger.setLevel(logging.WARNING)
-    # MetaSchedule's dictConfig names every handler of this logger; an unnamed one (pytest's
-    # capture, a user's) makes it crash on a second tune in the same process
-    ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
-    t0 = time.time()
-    state = {"t0": t0, "budget": budget, "limit": cfg.time_limit_s, "tasks": []}
-    if todo and budget > 0:
-        builder = ms.builder.LocalBuilder(
-            f_build=_fast_build, f_export=_export_aarch64 if spec.arch == "aarch64" else None,
-            timeout_sec=120)
-        groups: dict[int, list] = {}
-        for t, r in todo:
-            groups.setdefault(r, []).append(t)
-        left = budget
-        for per_task, group in sorted(groups.items(), reverse=True):
-            if left <= 0 or state.get("stopped"):
-                break
-            ctxs, weights = _tune_contexts(group, cfg, target, work_dir)
-            state["tasks"] = [{"name": t.task_name, "trials": 0, "failed": 0, "best": None} for t in group]
-            callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + \
-                [_progress_callback(state, log)]
-            n = min(left, per_task * len(group))
-            ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=n,
-                          max_trials_per_task=per_task, num_trials_per_iter=min(cfg.trials_per_iter, per_task),
-                          builder=builder, runner=runner, database=db, measure_callbacks=callbacks)
-            left -= sum(s["trials"] for s in state["tasks"])
-    elapsed = time.time() - t0
-    _write_provenance(work_dir, cfg, spec, budget, elapsed, TVM_VERSION, TVM_FFI_VERSION)
-    log(f"done in {elapsed / 60:.1f} min: {work_dir}")
+    log(f"tuning {len(todo)} of {len(tasks)} kernels for {spec.name} ({cfg.space} space), {budget} trials, "
+        f"batches of {cfg.trials_per_iter}, into {work_dir} (TVM's logs: {work_dir / LOGS})")
+    state = {"t0": time.time(), "budget": budget, "limit": cfg.time_limit_s, "tasks": [], "done": 0,
+             "log": log}
+    status = "completed"
+    try:
+        if todo and budget > 0:
+            _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state)
+        if state.get("stopped"):
+            status = "time limit"
+    except BaseException as e:
+        status = "interrupted" if _is_interrupt(e) else f"failed: {type(e).__name__}"
+        _provenance(work_dir, cfg, spec, budget, state, status, TVM_VERSION, TVM_FFI_VERSION)
+        if _is_interrupt(e) and not isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    entry = _provenance(work_dir, cfg, spec, budget, state, status, TVM_VERSION, TVM_FFI_VERSION)
+    log(f"{status} in {entry['seconds'] / 60:.1f} min: {state['done']} trials this run, "
+        f"{entry['measured_total']} measured records in {work_dir}")
     return work_dir
 
 
-def cpu_model() -> str:
-    from .runtime import cpuinfo
-    return cpuinfo().get("model name") or platform.processor() or platform.machine()
+def _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state) -> None:
+    from ._tvm import ms
+
+    builder = ms.builder.LocalBuilder(
+        f_build=_fast_build, f_export=_export_aarch64 if spec.arch == "aarch64" else None, timeout_sec=120)
+    runner = _measure_now(runner)
+    groups: dict[int, list] = {}
+    for t, r in todo:
+        groups.setdefault(r, []).append(t)
+    left = budget
+    for per_task, group in sorted(groups.items(), reverse=True):
+        if left <= 0 or _time_is_up(state):
+            break
+        _quiet_tvm_console()
+        ctxs, weights = _tune_contexts(group, cfg, target, work_dir, state)
+        _quiet_tvm_console()
+        state["tasks"] = [{"name": t.task_name, "trials": 0, "failed": 0, "best": None, "budget": per_task}
+                          for t in group]
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(state)]
+        before = state["done"]
+        ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir),
+                      max_trials_global=min(left, per_task * len(group)), max_trials_per_task=per_task,
+                      num_trials_per_iter=min(cfg.trials_per_iter, per_task), builder=builder, runner=runner,
+                      database=db, measure_callbacks=callbacks, task_scheduler="round-robin")
+        left -= state["done"] - before
 
 
-def _write_provenance(work_dir: Path, cfg: TuneConfig, spec, budget, elapsed, tvm_v, ffi_v) -> None:
-    p = work_dir / "provenance.json"
-    runs = json.loads(p.read_text())["runs"] if p.exists() else []
-    n_records = sum(1 for line in (work_dir / RECORDS).read_text().splitlines() if line.strip()) \
-        if (work_dir / RECORDS).exists() else 0
-    runs.append({
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+def _provenance(work_dir, cfg: TuneConfig, spec, budget, state, status, tvm_v, ffi_v) -> dict:
+    return write_provenance(work_dir, {
         "model": cfg.onnx or f"{cfg.model}-{cfg.alpha:g}-{cfg.resolution}",
         "space": cfg.space, "target": spec.name,
+        "required_cpu_flags": list(spec.required_cpu_flags),
+        "rpc": f"tracker {cfg.rpc_tracker} key {cfg.rpc_key}" if cfg.rpc_tracker else None,
         "measured_on": (f"rpc {cfg.rpc_tracker} key {cfg.rpc_key}" if cfg.rpc_tracker
-                        else f"{cpu_model()}, {os.cpu_count()} cores"),
+                        else f"this host, {os.cpu_count()} cores"),
         "budget": {"max_trials": cfg.max_trials, "trials_per_task": cfg.trials_per_task,
-                   "time_limit_s": cfg.time_limit_s, "trials_this_run": budget},
-        "seconds": round(elapsed, 1), "records_total": n_records,
+                   "trials_per_iter": cfg.trials_per_iter, "time_limit_s": cfg.time_limit_s,
+                   "trials_this_run": budget},
+        "only": cfg.only or None,
+        "status": status, "trials_done": state["done"],
+        "seconds": round(time.time() - state["t0"], 1),
         "tvm": tvm_v, "tvm_ffi": ffi_v,
     })
-    p.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
