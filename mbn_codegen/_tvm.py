@@ -44,6 +44,7 @@ from tvm.s_tir import meta_schedule as ms  # noqa: E402
 from tvm.s_tir import dlight  # noqa: E402
 from tvm.s_tir.analysis import find_anchor_sblock  # noqa: E402
 from tvm.target import Target  # noqa: E402
+from tvm.target.codegen import target_has_features  # noqa: E402
 from tvm.driver import build as tir_build  # noqa: E402
 from tvm.ir.utils import derived_object  # noqa: E402
 from tvm.relax import dpl  # noqa: E402
@@ -55,6 +56,6 @@ Constant = tvm.ir.expr.Constant
 Schedule = tvm.s_tir.Schedule
 
 __all__ = ["tvm", "tvm_ffi", "relax", "tirx", "from_onnx", "onnx_frontend", "detach_params", "ms",
-           "dlight", "find_anchor_sblock", "Target", "IRModule", "Constant", "Schedule", "tir_build",
+           "dlight", "find_anchor_sblock", "Target", "target_has_features", "IRModule", "Constant", "Schedule", "tir_build",
            "derived_object", "dpl", "RemoveWeightLayoutRewriteBlock", "PopenPoolExecutor",
            "check_versions", "TVM_VERSION", "TVM_FFI_VERSION"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from mbn_codegen._tvm import Schedule, tirx
 
 from . import dense, depthwise, pointwise
-from .common import conv_info, vector_lanes
+from .common import conv_info, simd, vector_lanes
 
 RULES = [depthwise, pointwise, dense]   # first match wins; everything else is TVM's
 
@@ -48,12 +48,12 @@ def default_schedule(func, target) -> tuple[object, str] | None:
         return None
     info = _info(rule, func)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
-    lanes = vector_lanes(target)
+    lanes, registers = simd(target)
     if device == "cuda":
         knobs = rule.default_knobs_cuda(info)
         name, fn = _space(rule, device, lanes)[0]
     else:
-        knobs = rule.default_knobs(info, lanes)
+        knobs = rule.default_knobs(info, lanes, registers)
         spaces = _space(rule, device, lanes)
         name, fn = spaces[knobs.get("order", 0)] if rule is pointwise else spaces[0]
     sch = Schedule(func)

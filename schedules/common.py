@@ -2,22 +2,26 @@
 either sample a knob (under tuning) or take a given decision (our untuned defaults)."""
 from __future__ import annotations
 
-from mbn_codegen._tvm import IRModule, find_anchor_sblock, tirx
+from mbn_codegen._tvm import IRModule, find_anchor_sblock, target_has_features, tirx
+
+
+def simd(target) -> tuple[int, int]:
+    """(fp32 lanes of one vector register, number of vector registers), asked of LLVM's view of
+    the target (its -mcpu/-mattr), not looked up by CPU name: AVX-512 16 x 32, AVX/AVX2 8 x 16,
+    NEON 4 x 32, SSE 4 x 16."""
+    if target.kind.name != "llvm":
+        return 1, 0
+    if target_has_features("avx512f", target):
+        return 16, 32
+    if target_has_features("avx", target):
+        return 8, 16
+    if target_has_features("neon", target):
+        return 4, 32
+    return 4, 16
 
 
 def vector_lanes(target) -> int:
-    """fp32 lanes of one SIMD register: AVX-512 16, AVX2 8, NEON 4."""
-    if target.kind.name != "llvm":
-        return 1
-    triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith(("aarch64", "arm")):
-        return 4
-    mcpu = str(target.attrs.get("mcpu", ""))
-    mattr = [str(a) for a in target.attrs.get("mattr", [])]
-    avx512 = ("avx512" in mcpu or mcpu in ("znver4", "znver5", "sapphirerapids", "icelake-server",
-                                            "cascadelake", "cooperlake", "tigerlake")
-              or "+avx512f" in mattr)
-    return 16 if avx512 else 8
+    return simd(target)[0]
 
 
 def conv_info(func) -> dict | None:

@@ -36,7 +36,7 @@ def applies(func) -> bool:
     return info_of(func) is not None
 
 
-def default_knobs(info: dict, lanes: int) -> dict:
+def default_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["n"], lanes)
     vecs = info["n"] // v
     n_in = largest_divisor(vecs, 4)

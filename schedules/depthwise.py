@@ -21,7 +21,7 @@ def applies(func) -> bool:
     return info is not None and info["kind"] == "depthwise"
 
 
-def default_knobs(info: dict, lanes: int) -> dict:
+def default_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     x_in = largest_divisor(info["x"], 8)
     f_vecs = info["f"] // v

@@ -29,16 +29,34 @@ def applies(func) -> bool:
     return info is not None and info["kind"] in ("pointwise", "conv")
 
 
-def default_knobs(info: dict, lanes: int) -> dict:
+def register_tile(x: int, f_vecs: int, registers: int) -> tuple[int, int]:
+    """(x_in, f_in) for the register tile: x_in * f_in accumulators + f_in weight vectors + one
+    broadcast must fit the register file, or LLVM spills an accumulator and every step of the
+    channel loop waits on a store-reload (seen on AVX2 with 7 x 2: 17 registers of 16). Among
+    the tiles that fit, those with >= 8 accumulators (FMA latency 4 x 2 pipes) first, then the
+    fewest loads per FMA, (x_in + f_in) / (x_in * f_in)."""
+    best, key = (1, 1), None
+    for x_in in (d for d in range(1, min(x, 8) + 1) if x % d == 0):
+        for f_in in (d for d in range(1, min(f_vecs, 4) + 1) if f_vecs % d == 0):
+            if x_in * f_in + f_in + 1 > registers:
+                continue
+            acc = x_in * f_in
+            k = (acc >= 8, -(x_in + f_in) / acc, acc, x_in)
+            if key is None or k > key:
+                best, key = (x_in, f_in), k
+    return best
+
+
+def default_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     f_vecs = info["f"] // v
-    # AVX-512/NEON (32 registers): up to 8 pixels x 2 vectors = 16 accumulators;
-    # AVX2 (16 registers): 8 x 1, leaving room for the weight vector and the broadcast.
-    f_in = largest_divisor(f_vecs, 1 if lanes == 8 else 2)
-    x_in = largest_divisor(info["x"], 8)
+    x_in, f_in = register_tile(info["x"], f_vecs, registers)
     kc = largest_divisor(info["rc"], 64)
+    # order 1 keeps a weight panel in cache and re-reads the input per channel block; order 0 the
+    # reverse: re-read whichever operand is smaller (7x7x1024: weights 4 MB, input 200 KB).
+    order = 1 if info["f"] > 4 * info["y"] * info["x"] else 0
     return {"x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in], "rc": [info["rc"] // kc, kc],
-            "order": 1}
+            "order": order}
 
 
 ORDERS = (0, 1)

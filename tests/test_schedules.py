@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from mbn_codegen import schedules, targets
-from mbn_codegen._tvm import Schedule, relax, tirx, tvm
+from mbn_codegen._tvm import Schedule, Target, relax, tirx, tvm
 from mbn_codegen.lower import LowerContext, PHASES, build_module
-from mbn_codegen.schedules.common import conv_info, vector_lanes
+from mbn_codegen.schedules.common import conv_info, simd
+from mbn_codegen.schedules.pointwise import register_tile
 
 from helpers import cannot_run_here
 
@@ -104,10 +105,28 @@ def test_x86_schedules_match_unscheduled(shape):
         np.testing.assert_allclose(run_cpu(m, ctx, x), want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_lanes_per_target():
-    assert vector_lanes(targets.load("x86_64-avx512").tvm_target()) == 16
-    assert vector_lanes(targets.load("x86_64").tvm_target()) == 8
-    assert vector_lanes(targets.load("arm64").tvm_target()) == 4
+def test_simd_asked_of_the_target():
+    """Lanes and register count come from LLVM's features for the target's mcpu/mattr."""
+    assert simd(targets.load("x86_64-avx512").tvm_target()) == (16, 32)
+    assert simd(targets.load("x86_64").tvm_target()) == (8, 16)
+    assert simd(targets.load("arm64").tvm_target()) == (4, 32)
+    znver4 = Target({"kind": "llvm", "mcpu": "znver4"})      # AVX-512 without a name list
+    assert simd(znver4) == (16, 32)
+    assert simd(Target({"kind": "llvm", "mcpu": "x86-64"})) == (4, 16)
+
+
+@pytest.mark.parametrize("x,f_vecs,regs", [(7, 128, 16), (14, 64, 16), (28, 32, 16), (112, 8, 16),
+                                           (14, 32, 32), (7, 64, 32), (56, 8, 32), (7, 2, 16)])
+def test_pointwise_register_tile_fits(x, f_vecs, regs):
+    x_in, f_in = register_tile(x, f_vecs, regs)
+    assert x % x_in == 0 and f_vecs % f_in == 0
+    assert x_in * f_in + f_in + 1 <= regs                   # accumulators + weights + broadcast
+    # no fitting tile has more accumulators AND fewer loads per FMA
+    for xi in range(1, min(x, 8) + 1):
+        for fi in range(1, min(f_vecs, 4) + 1):
+            if x % xi or f_vecs % fi or xi * fi + fi + 1 > regs:
+                continue
+            assert not (xi * fi > x_in * f_in and (xi + fi) / (xi * fi) < (x_in + f_in) / (x_in * f_in))
 
 
 ARM_SCRIPT = r"""
