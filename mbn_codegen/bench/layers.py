@@ -1,4 +1,4 @@
-"""Per-kernel timing of a built artifact, and the mapping of kernel calls to the model's layers.
+"""Per-kernel timing of a built artifact, and the mapping of kernel calls to the ONNX graph's layers.
 
 TVM >= 0.24 has no VM profiler. Two tools do the job (TVM_NOTES section 3):
 1. one inference with the VM's instrument hook records the call sequence: every kernel call in
@@ -20,9 +20,6 @@ import numpy as np
 
 CONSISTENCY_TOLERANCE = 0.15      # slack of the bracket check in `consistency`
 VM_CALL_ALLOWANCE_US = 1.0        # VM overhead allowed per VM instruction (kernel calls and builtins)
-
-# kernel kind (kernels.conv_kind / manifest) -> cost-model layer kind
-_KIND_TO_LAYER = {"conv": "conv", "depthwise": "dw", "pointwise": "pw", "dense": "fc", "pool": "pool"}
 
 
 class LayerProfiler:
@@ -90,72 +87,65 @@ class LayerProfiler:
                           f"caches); {rounds} rounds after one warm-up round, interleaved with the whole model"}
 
 
-def macs_from_shapes(kind: str, shapes: list[list[int]]) -> int | None:
-    """Mult-adds of one kernel call from its argument shapes, independent of the cost model (so
-    the two check each other) and of the weight layout (OIHW, HWIO, packed): with arguments
-    (data, weight, bias, out), mult-adds = |out| x |weight| / |bias|, since |weight| / |bias| is
-    what each output element reduces over (I/groups x kh x kw, or K for a dense layer). None where
-    the arguments are not of that form."""
-    if kind == "pool":
-        return 0
-    if kind not in ("conv", "depthwise", "pointwise", "dense") or len(shapes) != 4:
-        return None
-    out, w, b = prod(shapes[3]), prod(shapes[1]), prod(shapes[2])
-    if b <= 0 or w % b or sum(d > 1 for d in shapes[2]) != 1:
-        return None
-    return out * (w // b)
+_ONNX_KIND = {"dw": "depthwise", "pw": "pointwise", "conv": "conv", "fc": "dense"}
 
 
-def manifest_lookup(symbol: str, table: dict):
-    """table[symbol], else the entry of the longest name that prefixes symbol + "_", else None."""
-    if symbol in table:
-        return table[symbol]
-    stems = [n for n in table if symbol.startswith(n + "_")]
-    return table[max(stems, key=len)] if stems else None
+def onnx_layers(path) -> list[dict]:
+    """Every Conv and Gemm/MatMul of an ONNX graph in graph order, with its mult-adds counted from
+    its own shapes (output elements x reduction size: Cin/group x kh x kw, or K). Names follow the
+    paper's table (conv1, dw2, pw2, ..., fc) for any model, so v1's line up with cost.py's."""
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    shape = {i.name: list(i.dims) for i in g.initializer}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        shape.setdefault(vi.name, [d.dim_value for d in vi.type.tensor_type.shape.dim])
+    out, n, prev = [], 0, None
+    for node in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        x, y = shape[node.input[0]], shape[node.output[0]]
+        if node.op_type == "Conv":
+            w = shape[node.input[1]]
+            kind = ("dw" if attrs.get("group", 1) == x[1] > 1 and w[1] == 1 else
+                    "pw" if attrs.get("group", 1) == 1 and prod(w[2:]) == 1 else "conv")
+            red, desc = w[1] * prod(w[2:]), f"{x[1]}x{x[2]}x{x[3]} → {y[1]}x{y[2]}x{y[3]}"
+        else:
+            kind, red = "fc", x[-2] if node.op_type == "Gemm" and attrs.get("transA", 0) else x[-1]
+            desc = f"{red} → {y[-1]}"
+        n += not (kind == "pw" and prev == "dw")
+        prev = kind
+        out.append({"name": "fc" if kind == "fc" else f"{kind}{n}", "kind": kind, "node": node.name,
+                    "shape": desc, "mult_adds": int(prod(y) * red)})
+    if sum(l["kind"] == "fc" for l in out) > 1:
+        for i, l in enumerate(x for x in out if x["kind"] == "fc"):
+            l["name"] = f"fc{i + 1}"
+    return out
 
 
-def kernel_kind(symbol: str, manifest_kinds: dict[str, str]) -> str:
-    """The manifest's kind for a library symbol. A build may rename a kernel after recording it
-    (e.g. `fused_conv2d_add_relu` -> `fused_conv2d_add_relu_prepacked`): then the longest manifest
-    name that prefixes the symbol decides."""
-    k = manifest_lookup(symbol, manifest_kinds) or "other"
-    if k == "other" and ("mean" in symbol or "pool" in symbol):
-        return "pool"
+def kernel_kind(symbol: str, kernels: list[dict]) -> str:
+    """The manifest's kind of a library symbol (a build may add a suffix such as `_prepacked`)."""
+    k = next((k["kind"] for k in kernels if symbol in (k.get("symbol"), k["name"])), None)
+    k = k or max(((k["name"], k["kind"]) for k in kernels if symbol.startswith(k["name"] + "_")),
+                 default=(None, "other"), key=lambda p: len(p[0]))[1]
     if k == "other" and ("matmul" in symbol or "dense" in symbol):
         return "dense"
     return k
 
 
-def map_to_layers(calls: list[dict], manifest_kinds: dict[str, str], cost_layers: list[dict] | None
-                  ) -> tuple[list[dict], str | None]:
-    """Assign each kernel call a cost-model layer, in program order, by kind. Calls of other kinds
-    (reshape, layout transforms) get layer None. Returns (rows, problem): problem says why the
-    mapping failed (then rows carry only shape-derived mult-adds)."""
-    rows = []
-    for c in calls:
-        kind = kernel_kind(c["symbol"], manifest_kinds)
-        rows.append({**c, "kind": kind, "layer": None, "mult_adds": macs_from_shapes(kind, c["shapes"]),
-                     "mult_adds_from_shapes": macs_from_shapes(kind, c["shapes"])})
-    if not cost_layers:
-        return rows, "no cost model for this model (MobileNet v1 only): mult-adds from kernel shapes"
-    j, mapped = 0, []
-    for r in rows:
-        lk = _KIND_TO_LAYER.get(r["kind"])
-        if lk is None:
-            continue
-        if j < len(cost_layers) and cost_layers[j]["kind"] == lk:
-            mapped.append((r, cost_layers[j]))
-            j += 1
-        else:
-            return rows, (f"kernel call #{r['index']} ({r['symbol']}, {r['kind']}) does not match the "
-                          f"next layer of the cost model ({cost_layers[j]['name'] if j < len(cost_layers) else 'none'})")
-    if j != len(cost_layers):
-        return rows, f"only {j} of {len(cost_layers)} layers found among the kernel calls"
-    for r, layer in mapped:
-        r["layer"] = layer["name"]
-        r["mult_adds"] = layer["mult_adds"]
-        r["shape"] = (f"{layer['in_ch']}x{layer['in_size']}² → {layer['out_ch']}x{layer['out_size']}²"
-                      if layer["kind"] not in ("fc",) else f"{layer['in_ch']} → {layer['out_ch']}")
+def map_to_layers(calls: list[dict], kernels: list[dict], layers: list[dict]) -> tuple[list[dict], str | None]:
+    """Give the compute calls (conv, depthwise, pointwise, dense), in program order, the ONNX graph's
+    layers in graph order, kinds checked. Returns (rows, problem); problem says why they differ."""
+    rows = [{**c, "kind": kernel_kind(c["symbol"], kernels), "layer": None, "mult_adds": None} for c in calls]
+    compute = [r for r in rows if r["kind"] in _ONNX_KIND.values()]
+    if len(compute) != len(layers):
+        return rows, f"{len(compute)} compute kernel calls for {len(layers)} ONNX layers"
+    for r, l in zip(compute, layers):
+        if r["kind"] != _ONNX_KIND[l["kind"]]:
+            return rows, f"kernel call #{r['index']} ({r['symbol']}, {r['kind']}) is not layer {l['name']} ({l['kind']})"
+    for r, l in zip(compute, layers):
+        r.update(layer=l["name"], mult_adds=l["mult_adds"], shape=l["shape"])
     return rows, None
 
 

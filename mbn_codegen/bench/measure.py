@@ -1,20 +1,36 @@
-"""The coordinator side: worker subprocesses and interleaved (round-robin) timing.
+"""The coordinator side: worker subprocesses and interleaved timing.
 
-Each round visits every (variant) once at one thread count, in an order rotated every round, and
-takes a block of `reps` timed calls after one untimed call; so load drift, thermal or frequency
-changes hit every variant alike. Only one worker runs at a time; the others wait on a pipe.
+Each round visits every variant once, in a fresh random order, for a block of `reps` timed calls.
+Only one worker computes at a time; between blocks a fence waits until every worker's CPU time
+stops growing, so no pool of the previous variant still spins on the cores the next one needs.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import psutil
+
 THREAD_ENV = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# With spin=False (--no-spin) pools block as soon as they are idle: OpenMP (torch), TVM's pool
+# (libtvm_runtime reads this variable), ONNX Runtime (a session entry, worker.py). OpenVINO's TBB
+# has no such switch. It costs TVM 1.5-2x at 2 threads on small models (a futex wake per kernel),
+# so by default runtimes spin inside their own block and the fence keeps that out of the next one.
+NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0", "KMP_BLOCKTIME": "0"}
+
+
+def spin_settings(spin: bool) -> dict:
+    if spin:
+        return {"all runtimes": "their default spin-wait inside their own block; the fence waits it out"}
+    return {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"}
+FENCE_WINDOW_S, FENCE_IDLE_CPU_S, FENCE_TIMEOUT_S = 0.02, 0.002, 2.0
 
 
 class WorkerError(RuntimeError):
@@ -22,22 +38,21 @@ class WorkerError(RuntimeError):
 
 
 class Worker:
-    """A `python -m mbn_codegen.bench.worker` child in its own session (so a terminal's Ctrl-C
-    reaches only the coordinator, which then stops it); it exits when its stdin closes."""
+    """A `python -m mbn_codegen.bench.worker` child in its own session (a terminal's Ctrl-C reaches
+    only the coordinator); it exits when its stdin closes."""
 
     def __init__(self, spec: dict, log_path: Path):
-        env = dict(os.environ)
-        for k in THREAD_ENV:
-            env[k] = str(spec["threads"])
+        env = {**os.environ, **({} if spec.get("spin", True) else NO_SPIN_ENV),
+               **{k: str(spec["threads"]) for k in THREAD_ENV}}
         env.setdefault("TVM_BIND_THREADS", "1")
-        self.name = f"{spec.get('variant', spec['runtime'])}@{spec['threads']}t"
+        self.name = f"{spec['variant']}@{spec['threads']}t"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mbn_codegen.bench.worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     env=env, text=True, start_new_session=True, bufsize=1)
+        self.proc = subprocess.Popen([sys.executable, "-m", "mbn_codegen.bench.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
+                                     start_new_session=True, bufsize=1)
+        self.ps = psutil.Process(self.proc.pid)
         self._send(spec)
-        self.ready: dict | None = None
 
     def _send(self, obj: dict) -> None:
         try:
@@ -46,23 +61,25 @@ class Worker:
         except (BrokenPipeError, OSError) as e:
             raise WorkerError(f"{self.name}: worker is gone ({e}); see {self._log.name}") from None
 
-    def _recv(self) -> dict:
+    def recv(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            code = self.proc.wait()
-            raise WorkerError(f"{self.name}: worker exited (code {code}); see {self._log.name}")
+            raise WorkerError(f"{self.name}: worker exited (code {self.proc.wait()}); see {self._log.name}")
         return json.loads(line)
-
-    def wait_ready(self) -> dict:
-        self.ready = self._recv()
-        return self.ready
 
     def request(self, obj: dict) -> dict:
         self._send(obj)
-        r = self._recv()
+        r = self.recv()
         if "error" in r:
             raise WorkerError(f"{self.name}: {r['error']}")
         return r
+
+    def cpu_s(self) -> float:
+        try:
+            t = self.ps.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -81,20 +98,11 @@ class Worker:
 
 def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker | None, dict]]:
     """Start all at once (loading is the slow part), then collect their ready replies."""
-    started = []
-    for s in specs:
-        try:
-            started.append((s, Worker(s, log_dir / f"{s['variant']}-{s['threads']}t.log")))
-        except (OSError, WorkerError) as e:
-            started.append((s, None, {"ok": False, "error": str(e)}))
+    started = [(s, Worker(s, log_dir / f"{s['variant']}-{s['threads']}t.log")) for s in specs]
     out = []
-    for item in started:
-        if len(item) == 3:
-            out.append(item)
-            continue
-        s, w = item
+    for s, w in started:
         try:
-            r = w.wait_ready()
+            r = w.recv()
         except WorkerError as e:
             r = {"ok": False, "error": str(e)}
         if not r.get("ok"):
@@ -104,27 +112,44 @@ def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker |
     return out
 
 
-SETTLE_S = 0.15
+def fence(workers, window=FENCE_WINDOW_S, idle=FENCE_IDLE_CPU_S, timeout=FENCE_TIMEOUT_S) -> tuple[float, bool]:
+    """Wait until the workers together use less than `idle` CPU seconds per `window`. Returns
+    (seconds waited, whether it timed out). Our workers' own CPU time, not the machine's: other
+    users of a shared machine never let it go idle."""
+    t0 = time.perf_counter()
+    before = sum(w.cpu_s() for w in workers)
+    while True:
+        time.sleep(window)
+        now = sum(w.cpu_s() for w in workers)
+        waited = time.perf_counter() - t0
+        if now - before < idle or waited > timeout:
+            return waited, waited > timeout
+        before = now
+
+
+def noise(block_medians: list[float]) -> float | None:
+    """(p90 - p10) / median of one variant's per-block medians: how far two runs of it drift."""
+    if len(block_medians) < 3:
+        return None
+    a = np.asarray(block_medians)
+    return float((np.percentile(a, 90) - np.percentile(a, 10)) / np.median(a))
 
 
 def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
-                on_block: Callable[[str, int, list[float]], None],
-                progress: Callable[[str], None] | None = None, settle_s: float = SETTLE_S) -> None:
-    """Round-robin timing. on_block(variant, round, samples_ms) is called after every block (the
-    caller records and saves), so an interruption loses at most one block.
-
-    settle_s: pause before each block. Thread pools spin-wait after their last job (TVM's ~50 ms,
-    ONNX Runtime's ~30 ms, measured here as CPU time of an idle worker); without the pause the
-    previous variant's spinning threads take a core from the next one, which halved 2-thread
-    results on a 2-core machine."""
-    names = list(workers)
-    for name in names:                         # warm-up: caches, thread pools, lazy init
+                on_block: Callable[[str, int, list[float], float], None], seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """on_block(variant, round, samples_ms, fence_s) after every block, so an interruption loses at
+    most one block. Returns the fence statistics."""
+    names, rng, waits, timeouts = list(workers), random.Random(seed), [], 0
+    for name in names:
         workers[name].request({"cmd": "time", "n": 0, "warmup": warmup})
     t_start = time.perf_counter()
     for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            time.sleep(settle_s)
+        order = rng.sample(names, len(names))
+        for name in order:
+            waited, to = fence(workers.values())
+            waits.append(waited)
+            timeouts += to
             try:
                 res = workers[name].request({"cmd": "time", "n": reps, "warmup": 1})
             except WorkerError as e:
@@ -133,8 +158,9 @@ def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
                 workers.pop(name).close()
                 names.remove(name)
                 continue
-            on_block(name, r, res["samples_ms"])
+            on_block(name, r, res["samples_ms"], waited)
         if progress:
             el = time.perf_counter() - t_start
-            eta = el / (r + 1) * (rounds - r - 1)
-            progress(f"  round {r + 1}/{rounds} done, {el:.0f} s elapsed, ~{eta:.0f} s left")
+            progress(f"  round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, ~{el / (r + 1) * (rounds - r - 1):.0f} s left")
+    return {"blocks": len(waits), "median_wait_ms": float(np.median(waits) * 1e3) if waits else 0.0,
+            "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": timeouts}

@@ -1,83 +1,105 @@
-"""The machine's peak, measured (what "% of peak" divides by), plus a nominal figure for context.
-
-Measured, in a worker with the bench's thread count: the best of numpy's SGEMM (OpenBLAS) and
-torch.mm (oneDNN/MKL) on 2048x2048 fp32 matrices: tuned GEMMs, so "100%" is what a good library
-reaches on this machine at these threads. Memory bandwidth for the roofline: the best of a 256 MB
-torch copy (read + write counted: DRAM), and of a 512 KB one (cache-resident: MobileNet's per-layer
-operands mostly fit in L2, so its kernels can sit above the DRAM roof). Nominal: SIMD lanes x 2 (FMA) x FMA units x clock x threads,
-with the number of FMA units assumed (it cannot be read from the OS), so it is only context.
-"""
+"""The machine's ceilings, measured with kernels TVM builds for the bench's target: an FMA loop whose
+accumulators stay in vector registers (the compute peak "% of peak" divides by) and a STREAM triad
+(the memory roof). A library SGEMM is no peak: our kernels beat it."""
 from __future__ import annotations
 
-import os
+import re
 import time
-from pathlib import Path
+
+ACCUMULATORS = 12      # independent chains >= FMA latency (4-5) x FMA units (2) on Zen 3 / Skylake
 
 
-def _best(f, reps: int) -> float:
-    f()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def lanes_for(spec) -> int:
+    if spec.arch == "x86_64":
+        return 16 if "avx512f" in spec.required_cpu_flags else 8
+    return 4
 
 
-def measure_peak(threads: int, quick: bool = False) -> dict:
+def _kernels(lanes: int, threads: int, n_triad: int):
+    from tvm.script import tirx as T
+
+    from .._tvm import tvm  # noqa: F401  (version check before tvm.script)
+
+    acc = ACCUMULATORS
+
+    @T.prim_func
+    def fma(out: T.Buffer((threads, acc, lanes), "float32"), n: T.int32, a: T.float32, b: T.float32):
+        T.func_attr({"global_symbol": "fma", "tir.noalias": True})
+        for t in T.parallel(threads):
+            r = T.alloc_buffer((acc, lanes), "float32", scope="local")
+            for j in T.unroll(acc):
+                for v in T.vectorized(lanes):
+                    r[j, v] = T.Cast("float32", j * lanes + v)
+            for _ in range(n):
+                for j in T.unroll(acc):
+                    for v in T.vectorized(lanes):
+                        r[j, v] = r[j, v] * a + b
+            for j in T.unroll(acc):
+                for v in T.vectorized(lanes):
+                    out[t, j, v] = r[j, v]
+
+    blk = n_triad // threads
+
+    @T.prim_func
+    def triad(x: T.Buffer((n_triad,), "float32"), y: T.Buffer((n_triad,), "float32"),
+              z: T.Buffer((n_triad,), "float32"), s: T.float32):
+        T.func_attr({"global_symbol": "triad", "tir.noalias": True})
+        for t in T.parallel(threads):
+            for i in range(blk // lanes):
+                for v in T.vectorized(lanes):
+                    x[t * blk + i * lanes + v] = y[t * blk + i * lanes + v] + s * z[t * blk + i * lanes + v]
+    return fma, triad
+
+
+def hot_loop_check(asm: str) -> dict:
+    """The basic block with the most FMAs must be FMAs on vector registers plus loop control: an
+    FMA with a memory operand, or a spill, would make the loop measure the load ports instead."""
+    blocks, cur = [], []
+    for line in asm.splitlines():
+        s = line.strip()
+        if re.match(r"^\.?[\w$.]+:", s):
+            blocks.append(cur)
+            cur = []
+        elif s and not s.startswith((".", "#", "//", ";")):
+            cur.append(s)
+    blocks.append(cur)
+    is_fma = re.compile(r"^(vfmadd\w+|fmla)\s")
+    hot = max(blocks, key=lambda b: sum(bool(is_fma.match(i)) for i in b))
+    fmas = [i for i in hot if is_fma.match(i)]
+    regs = sorted({r for i in fmas for r in re.findall(r"[xyz]mm\d+|v\d+", i)})
+    others = [i for i in hot if not is_fma.match(i)]
+    ok = (len(fmas) >= ACCUMULATORS and not any("(" in i or "[" in i for i in fmas)
+          and all(re.match(r"^(add|sub|dec|inc|cmp|test|j|b\.|cbnz)", i) for i in others))
+    return {"ok": ok, "fmas_in_loop": len(fmas), "registers": regs, "other_instructions": others}
+
+
+def measure_peak(spec, threads: int, quick: bool = False) -> dict:
     import numpy as np
 
-    n = 1024 if quick else 2048
-    reps = 3 if quick else 5
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    flops = 2.0 * n ** 3
-    res = {"threads": threads, "gemm_n": n,
-           "numpy_sgemm_gflops": flops / _best(lambda: a @ b, reps) / 1e9}
-    try:
-        import torch
-        torch.set_num_threads(threads)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        res["torch_sgemm_gflops"] = flops / _best(lambda: torch.mm(ta, tb), reps) / 1e9
-        m = (16 if quick else 64) * 1024 * 1024      # floats
-        src, dst = torch.ones(m), torch.empty(m)
-        res["copy_bandwidth_gbs"] = 2 * 4 * m / _best(lambda: dst.copy_(src), reps) / 1e9
-        res["bandwidth_method"] = f"torch copy of {4 * m >> 20} MB, read + write, {threads} threads"
-        small_src, small_dst = torch.ones(1 << 17), torch.empty(1 << 17)        # 512 KB: in L2
+    from .._tvm import tir_build, tvm
 
-        def loop():
-            for _ in range(50):
-                small_dst.copy_(small_src)
-        res["cache_bandwidth_gbs"] = 50 * 2 * 4 * (1 << 17) / _best(loop, reps) / 1e9
-    except ImportError:
-        m = 16 * 1024 * 1024
-        src, dst = np.ones(m, np.float32), np.empty(m, np.float32)
-        res["copy_bandwidth_gbs"] = 2 * 4 * m / _best(lambda: np.copyto(dst, src), reps) / 1e9
-        res["bandwidth_method"] = "numpy copy of 64 MB, read + write, 1 thread"
-    best = max(("numpy_sgemm_gflops", "torch_sgemm_gflops"), key=lambda k: res.get(k, 0.0))
-    res["peak_gflops"] = res[best]
-    res["method"] = (f"measured: best of numpy SGEMM (OpenBLAS) and torch.mm on {n}x{n} fp32, "
-                     f"{threads} thread(s); best was {best.split('_')[0]}")
-    return res
+    lanes = lanes_for(spec)
+    n_triad = (4 if quick else 16) * (1 << 20) // (threads * lanes) * threads * lanes
+    fma, triad = _kernels(lanes, threads, n_triad)
+    lib = tir_build(tvm.IRModule({"fma": fma, "triad": triad}), target=spec.tvm_target())
+    check = hot_loop_check(lib.inspect_source("asm"))
+    out = tvm.runtime.tensor(np.zeros((threads, ACCUMULATORS, lanes), "float32"))
+    iters = (60 if quick else 200) * 1_000_000 // lanes
+    lib["fma"](out, iters // 10, 0.9999, 1e-4)
+    best = min(_timed(lambda: lib["fma"](out, iters, 0.9999, 1e-4)) for _ in range(3 if quick else 5))
+    gflops = 2 * ACCUMULATORS * lanes * iters * threads / best / 1e9
+    x, y, z = (tvm.runtime.tensor(np.full(n_triad, 1.0, "float32")) for _ in range(3))
+    lib["triad"](x, y, z, 3.0)
+    best_t = min(_timed(lambda: lib["triad"](x, y, z, 3.0)) for _ in range(5 if quick else 10))
+    gbs = 3 * 4 * n_triad / best_t / 1e9
+    return {"threads": threads, "fma_gflops": gflops, "triad_gbs": gbs, "ridge_flop_per_byte": gflops / gbs,
+            "lanes": lanes, "accumulators": ACCUMULATORS, "asm_check": check,
+            "method": f"TVM-built FMA loop on {spec.name}: {ACCUMULATORS} accumulators x {lanes} fp32 lanes, "
+                      f"{iters} iterations per thread, {threads} thread(s), best of runs; triad x = y + s*z "
+                      f"on 3 x {4 * n_triad >> 20} MB, 12 bytes per element"}
 
 
-def nominal_peak(threads: int, flags: set[str], mhz: float | None, arch: str) -> dict:
-    if arch == "x86_64":
-        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
-        fma = 2 if "fma" in flags or "avx512f" in flags else 1
-        units, units_note = 2, "2 FMA units per core assumed (Intel server cores, Zen 4 runs AVX-512 as 2x256)"
-        if lanes == 16 and "amd" in _vendor().lower():
-            units, units_note = 1, "AVX-512 as 2x256-bit on Zen 4: 1 full-width FMA per cycle assumed"
-    else:
-        lanes, fma, units, units_note = 4, 2, 2, "NEON 128-bit, 2 FMA pipes per core assumed (A72/A76)"
-    if not mhz:
-        return {"gflops": None, "note": "clock not readable"}
-    g = lanes * fma * units * mhz / 1e3 * threads
-    return {"gflops": g, "lanes_fp32": lanes, "flops_per_fma": fma, "fma_units": units, "mhz": mhz,
-            "threads": threads, "note": f"lanes x FMA x units x clock x threads; {units_note}"}
-
-
-def _vendor() -> str:
-    from ..runtime import cpuinfo
-    return cpuinfo().get("vendor_id") or os.uname().machine
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0

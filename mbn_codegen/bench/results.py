@@ -1,16 +1,23 @@
-"""The results document (results.json): every raw sample, written atomically after each step so an
-interrupted bench keeps what it measured; statistics; schema validation."""
+"""results.json: every raw sample, written atomically after each step (an interrupted bench keeps
+what it measured), validated against schema.json; statistics; where it was measured."""
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import psutil
 
-FORMAT = "mbn-codegen-bench/1"
+FORMAT = "mbn-codegen-bench/2"
 SCHEMA_FILE = Path(__file__).with_name("schema.json")
 RESULTS = "results.json"
+PACKAGES = ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime", "openvino", "onnx", "numpy")
 
 
 def stats(samples: list[float], seed: int = 0, boot: int = 1000) -> dict:
@@ -18,112 +25,58 @@ def stats(samples: list[float], seed: int = 0, boot: int = 1000) -> dict:
     a = np.asarray(samples, dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
-    rng = np.random.default_rng(seed)
-    meds = np.median(rng.choice(a, size=(boot, a.size), replace=True), axis=1) if a.size > 1 else a
+    meds = np.median(np.random.default_rng(seed).choice(a, size=(boot, a.size)), axis=1)
     return {"n": int(a.size), "median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
-            "p90": float(np.percentile(a, 90)), "mean": float(a.mean()), "std": float(a.std()),
-            "min": float(a.min()), "max": float(a.max()),
+            "p90": float(np.percentile(a, 90)), "min": float(a.min()), "max": float(a.max()),
             "ci95": [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))]}
 
 
 class Results:
-    """A dict with a save() that never leaves a half-written file."""
-
     def __init__(self, path: str | os.PathLike, doc: dict):
-        self.path = Path(path)
-        self.doc = doc
-
-    def __getitem__(self, k):
-        return self.doc[k]
+        self.path, self.doc = Path(path), doc
 
     def save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1, allow_nan=False, default=_default) + "\n")
+        tmp.write_text(json.dumps(self.doc, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, self.path)
-
-
-def _default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load(path_or_dir: str | os.PathLike) -> dict:
     p = Path(path_or_dir)
-    if p.is_dir():
-        p = p / RESULTS
-    doc = json.loads(p.read_text())
+    doc = json.loads((p / RESULTS if p.is_dir() else p).read_text())
     if doc.get("format") != FORMAT:
-        raise ValueError(f"{p} is not an mbn-codegen bench results file (format {doc.get('format')!r})")
+        raise ValueError(f"{p} is not an mbn-codegen bench results file of format {FORMAT} ({doc.get('format')!r})")
     return doc
 
 
-def schema() -> dict:
-    return json.loads(SCHEMA_FILE.read_text())
-
-
 def validate(doc: dict) -> list[str]:
-    """Errors against schema.json (empty = valid). jsonschema when installed, else a small
-    validator for the subset the schema uses (type, required, properties, additionalProperties,
-    items, enum, minimum, minItems, anyOf, local $ref)."""
-    sch = schema()
-    try:
-        import jsonschema
-    except ImportError:
-        return _validate(doc, sch, "$", sch)
-    v = jsonschema.Draft202012Validator(sch)
+    import jsonschema
+
+    v = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text()))
     return [f"{'/'.join(map(str, e.absolute_path)) or '$'}: {e.message}" for e in v.iter_errors(doc)]
 
 
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+def provenance(spec) -> dict:
+    from ..runtime import cpu_flags, cpuinfo
 
-
-def _is(x, t: str) -> bool:
-    if t == "integer":
-        return isinstance(x, int) and not isinstance(x, bool)
-    if t == "number":
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-    return isinstance(x, _TYPES[t])
-
-
-def _validate(x, s: dict, where: str, root: dict) -> list[str]:
-    errs: list[str] = []
-    if "$ref" in s:
-        node = root
-        for part in s["$ref"].lstrip("#/").split("/"):
-            node = node[part]
-        return _validate(x, node, where, root)
-    if "anyOf" in s:
-        if all(_validate(x, sub, where, root) for sub in s["anyOf"]):
-            return [f"{where}: matches none of anyOf"]
-    if "type" in s:
-        types = s["type"] if isinstance(s["type"], list) else [s["type"]]
-        if not any(_is(x, t) for t in types):
-            return [f"{where}: expected {'/'.join(types)}, got {type(x).__name__}"]
-    if "enum" in s and x not in s["enum"]:
-        errs.append(f"{where}: {x!r} not in {s['enum']}")
-    if "minimum" in s and _is(x, "number") and x < s["minimum"]:
-        errs.append(f"{where}: {x} < minimum {s['minimum']}")
-    if isinstance(x, dict):
-        for k in s.get("required", []):
-            if k not in x:
-                errs.append(f"{where}: missing required {k!r}")
-        props = s.get("properties", {})
-        for k, v in x.items():
-            if k in props:
-                errs += _validate(v, props[k], f"{where}/{k}", root)
-            elif s.get("additionalProperties") is False:
-                errs.append(f"{where}: unexpected property {k!r}")
-            elif isinstance(s.get("additionalProperties"), dict):
-                errs += _validate(v, s["additionalProperties"], f"{where}/{k}", root)
-    if isinstance(x, list):
-        if len(x) < s.get("minItems", 0):
-            errs.append(f"{where}: fewer than {s['minItems']} items")
-        if "items" in s:
-            for i, v in enumerate(x):
-                errs += _validate(v, s["items"], f"{where}/{i}", root)
-    return errs
+    c, freq = cpuinfo(), psutil.cpu_freq()
+    try:
+        git = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        git = None
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+            "machine": {"cpu_model": c.get("model name") or platform.processor() or "unknown",
+                        "arch": platform.machine(), "usable_cores": len(psutil.Process().cpu_affinity()),
+                        "mhz": freq.max or freq.current if freq else None,
+                        "simd_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx", "asimd", "sve"))),
+                        "memory_bytes": psutil.virtual_memory().total, "os": platform.platform(),
+                        "load_average_start": [round(x, 2) for x in psutil.getloadavg()]},
+            "versions": {**versions, "python": platform.python_version()}, "git": git,
+            "target": spec.to_dict(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}

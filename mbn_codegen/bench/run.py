@@ -1,17 +1,22 @@
-"""The whole bench: build the TVM variants, measure peak, end to end (interleaved), per layer, the
-optional alpha x rho grid; write results.json after every step, then the report."""
+"""The whole bench: build the TVM variants, measure the machine's peak, end to end (interleaved), per
+layer, the optional alpha x rho grid; write results.json after every step, then the report."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from .variants import DEFAULT_VARIANTS
 
 GRID_DEFAULT_VARIANTS = ("stock", "ours", "onnxruntime")
+# Howard et al. 2017, Table 6 (width multiplier at 224) and Table 7 (resolution at alpha 1.0).
+PAPER_TOP1 = {(1.0, 224): 70.6, (1.0, 192): 69.1, (1.0, 160): 67.2, (1.0, 128): 64.4,
+              (0.75, 224): 68.4, (0.5, 224): 63.7, (0.25, 224): 50.6}
 
 
 @dataclass
@@ -25,57 +30,42 @@ class BenchConfig:
     target: str = "x86_64"
     seed: int = 0
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    database: str | None = None         # ours-tuned (default: variants.DEFAULT_DATABASE)
-    ms_database: str | None = None      # generic MetaSchedule (default: variants.DEFAULT_MS_DATABASE)
+    database: str | None = None
+    ms_database: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)   # extra variants: label -> artifact dir
     threads: list[int] | None = None    # default: 1 and all usable cores
-    rounds: int = 10                    # interleaved rounds ...
-    reps: int = 5                       # ... of this many timed calls each (samples = rounds x reps)
+    rounds: int = 10                    # interleaved rounds of `reps` timed calls per variant
+    reps: int = 5
     warmup: int = 5
     layers: bool = True
     layer_rounds: int = 5
     grid: bool = False
     grid_variants: list[str] = field(default_factory=lambda: list(GRID_DEFAULT_VARIANTS))
     grid_points: list[tuple[float, int]] | None = None   # default: the paper's 16 (alpha, rho)
-    grid_threads: int | None = None     # default: the largest of `threads`
+    grid_threads: int | None = None
     grid_rounds: int = 3
     grid_reps: int = 2
+    peak: bool = True
     quick_peak: bool = False
+    spin: bool = True                   # False: every pool blocks when idle (measure.NO_SPIN_ENV)
     out: str | None = None
 
     def default_out(self) -> Path:
         stem = Path(self.onnx).stem if self.onnx else f"{self.model}-{self.alpha:g}-{self.resolution}"
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("reports") / f"{stem}-{Path(self.target).stem}-{stamp}"
+        return Path("reports") / f"{stem}-{Path(self.target).stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def base_build(self) -> dict:
-        return {"model": self.model, "alpha": self.alpha, "resolution": self.resolution,
-                "num_classes": self.num_classes, "weights": self.weights, "onnx": self.onnx,
-                "target": self.target, "seed": self.seed}
-
-
-def _check_machine(spec) -> None:
-    from ..errors import MbnError
-    from ..runtime import machine_arch
-
-    if spec.arch != machine_arch() or spec.run != "native" and spec.device == "cpu":
-        raise MbnError(f"target {spec.name!r} runs on {spec.arch}, this machine is {machine_arch()}: a "
-                       "bench times the library where it runs. Run `mbn-codegen bench` on the board "
-                       "(timings under qemu emulation mean nothing); RPC-tracker benches are not yet "
-                       "supported")
-    if spec.device == "cuda":
-        raise MbnError(f"target {spec.name!r} is a CUDA target: the bench measures CPU libraries only "
-                       "so far (the peers it compares against run on the CPU)")
+        return {"model": self.model, "alpha": self.alpha, "resolution": self.resolution, "seed": self.seed,
+                "num_classes": self.num_classes, "weights": self.weights, "onnx": self.onnx, "target": self.target}
 
 
 def prepare_model(cfg: BenchConfig, d: Path) -> dict:
-    """The ONNX every peer loads, a seeded input, and ONNX Runtime's output on it (the oracle each
-    variant's output is checked against)."""
-    import shutil
-
+    """The ONNX every peer loads, a seeded input, ONNX Runtime's output on it (the oracle) and the
+    graph's compute layers with their mult-adds."""
     import numpy as np
 
     from ..export import export_onnx, fix_input_shape, load_onnx, onnxruntime_run
+    from .layers import onnx_layers
 
     d.mkdir(parents=True, exist_ok=True)
     onnx = d / "model.onnx"
@@ -93,260 +83,249 @@ def prepare_model(cfg: BenchConfig, d: Path) -> dict:
     np.save(d / "input.npy", x)
     np.save(d / "reference.npy", onnxruntime_run(onnx, x))
     return {"onnx": str(onnx), "input": str(d / "input.npy"), "reference": str(d / "reference.npy"),
-            "input_shape": list(shape)}
+            "input_shape": list(shape), "layers": onnx_layers(onnx)}
 
 
 def build_variant(v, out: Path, log_file: Path) -> dict:
-    """Build a TVM variant's artifact into `out`. Returns build facts for results.json."""
-    import json
-
     from ..build import BuildConfig, build
 
     t0 = time.perf_counter()
     with open(log_file, "a") as lf:
-        path = build(BuildConfig(**v.build_kwargs, out=str(out)), log=lambda s: print(s, file=lf, flush=True))
-    man = json.loads((Path(path) / "manifest.json").read_text())
-    v.artifact = str(path)
-    return {"seconds": round(time.perf_counter() - t0, 2), "kernels": man.get("kernels", []),
-            "library_bytes": man["library"]["bytes"]}
+        v.artifact = str(build(BuildConfig(**v.build_kwargs, out=str(out)), log=lambda s: print(s, file=lf, flush=True)))
+    return {**_manifest_facts(v.artifact), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def snapshot_database(src: str, dst: Path) -> Path:
-    """Copy a tuning database's JSON files: the report keeps exactly what was applied, and applying
-    it (which may rewrite a truncated last line) never touches a database a tuner is writing."""
-    import shutil
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in Path(src).glob("*.json"):
-        shutil.copyfile(f, dst / f.name)
-    return dst
+def _manifest_facts(artifact: str) -> dict:
+    man = json.loads((Path(artifact) / "manifest.json").read_text())
+    return {"seconds": None, "kernels": man.get("kernels", []), "library_bytes": man["library"]["bytes"]}
 
 
 def worker_spec(v, cfg: BenchConfig, threads: int, model: dict) -> dict:
     s = {"variant": v.name, "runtime": v.runtime, "threads": threads, "input": model["input"],
-         "reference": model["reference"], "onnx": model["onnx"]}
-    if v.runtime == "tvm":
-        s["artifact"] = v.artifact
+         "reference": model["reference"], "onnx": model["onnx"], "artifact": v.artifact, "spin": cfg.spin}
     if v.runtime == "torch":
-        s.update(model=cfg.model, alpha=cfg.alpha, resolution=cfg.resolution,
-                 num_classes=cfg.num_classes, weights=cfg.weights, seed=cfg.seed)
+        s.update(model=cfg.model, alpha=cfg.alpha, resolution=cfg.resolution, num_classes=cfg.num_classes,
+                 weights=cfg.weights, seed=cfg.seed)
     if v.name == "openvino-bf16":
         s["precision"] = "default"
     return s
 
 
-class _Term(Exception):
-    pass
-
-
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from .. import targets
-    from . import provenance, variants
-    from .results import FORMAT, RESULTS, Results
+    from ..errors import MbnError
+    from ..runtime import machine_arch
+    from . import variants
+    from .results import FORMAT, RESULTS, Results, provenance
 
     spec = targets.load(cfg.target)
-    _check_machine(spec)
+    if spec.arch != machine_arch() or spec.device != "cpu":
+        raise MbnError(f"target {spec.name!r} ({spec.arch}, {spec.device}) does not run on this {machine_arch()} "
+                       "CPU: a bench times the library where it runs (run it on the board)")
     out = Path(cfg.out) if cfg.out else cfg.default_out()
     out.mkdir(parents=True, exist_ok=True)
-    threads = sorted(set(cfg.threads or [1, provenance.usable_cores()]))
+    import psutil
+    threads = sorted(set(cfg.threads or [1, len(psutil.Process().cpu_affinity())]))
     vs = variants.resolve(cfg.variants, cfg.base_build(), cfg.target, cfg.database, cfg.ms_database,
                           onnx_only=bool(cfg.onnx), artifacts=cfg.artifacts)
-    dbs = {}
     for v in vs:
-        if v.database:
-            dbs[v.name] = variants.database_info(v.database)
-            if v.ok:                      # build from a snapshot: a tuner may be appending to the original
-                snap = snapshot_database(v.database, out / "databases" / v.name)
-                v.build_kwargs["database"] = str(snap)
-                dbs[v.name] = {**variants.database_info(str(snap)), "path": v.database, "snapshot": str(snap)}
-    for v in vs:                                  # the budget belongs in the headline's label
-        n = (dbs.get(v.name) or {}).get("tuning_records")
-        if n:
-            v.label = v.label[:-1] + f", {n} trials)" if v.label.endswith(")") else f"{v.label} ({n} trials)"
-    cost = None
-    if cfg.model == "mobilenet_v1" and not cfg.onnx:
-        from ..cost import cost_model
-        cost = cost_model(cfg.alpha, cfg.resolution, cfg.num_classes).to_dict()
+        if v.database and v.ok:      # build from a copy: a tuner may be appending to the original
+            snap = out / "databases" / v.name
+            shutil.copytree(v.database, snap, dirs_exist_ok=True)
+            v.build_kwargs["database"] = str(snap)
+            v.label += f" ({variants.database_records(str(snap))} trials)"
+    name = Path(cfg.onnx).name if cfg.onnx else f"{cfg.model} alpha={cfg.alpha:g} res={cfg.resolution}"
+    weights = "from the ONNX file" if cfg.onnx else cfg.weights or f"random (live, seed={cfg.seed})"
     res = Results(out / RESULTS, {
-        "format": FORMAT, "status": "running",
-        "config": {**asdict(cfg), "threads": threads, "out": str(out)},
-        "provenance": provenance.collect(spec, dbs),
-        "model": {"name": cfg.model, "alpha": cfg.alpha, "resolution": cfg.resolution,
-                  "num_classes": cfg.num_classes, "weights": cfg.weights or f"random (live, seed={cfg.seed})",
-                  "onnx": cfg.onnx, "mult_adds": cost["total_mult_adds"] if cost else None,
-                  "cost_layers": cost["layers"] if cost else None},
-        "peak": [], "variants": [dict(v.to_dict(), checks=[]) for v in vs],
-        "e2e": [], "layers": [], "grid": [], "log": []})
+        "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": threads, "out": str(out)},
+        "provenance": provenance(spec), "model": {"name": name, "onnx": cfg.onnx, "weights": weights},
+        "peak": [], "variants": [dict(v.to_dict(), checks=[]) for v in vs], "e2e": [], "layers": [],
+        "grid": [], "isolation": {}, "log": []})
     t_start = time.perf_counter()
 
     def say(msg: str) -> None:
         log(msg)
         res.doc["log"].append({"t": round(time.perf_counter() - t_start, 2), "message": msg})
 
-    def vrec(name: str) -> dict:
-        return next(r for r in res.doc["variants"] if r["name"] == name)
-
     def term(_sig, _frm):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, term)
     try:
-        _run(cfg, out, threads, vs, res, say, vrec)
+        _run(cfg, out, threads, vs, res, say)
         res.doc["status"] = "complete"
-    except KeyboardInterrupt:
-        res.doc["status"] = "interrupted"
-        say("interrupted: keeping what was measured")
-        raise
     except BaseException as e:
-        res.doc["status"] = "failed"
-        say(f"failed: {type(e).__name__}: {e}")
+        res.doc["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        say(f"{res.doc['status']}: {type(e).__name__}: {e}; keeping what was measured")
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
-        res.doc["provenance"]["machine"]["load_average_end"] = provenance.load_average()
+        res.doc["provenance"]["load_average_end"] = [round(x, 2) for x in psutil.getloadavg()]
         res.doc["provenance"]["seconds"] = round(time.perf_counter() - t_start, 1)
-        from .report import summarize, write_report
+        from .report import closing_line, summarize, write_report
         res.doc["summary"] = summarize(res.doc)
         res.save()                      # the raw samples first: a report error must not lose them
         write_report(out, res.doc)
         res.save()
-        log(f"report: {out}/report.md, {out}/report.html ({res.doc['status']})")
+        log(f"report: {out}/report.html ({res.doc['status']})")
+        log(closing_line(res.doc))
     return out
 
 
-def _run(cfg, out, threads, vs, res, say, vrec) -> None:
-    from . import layers as L
-    from .measure import WorkerError, interleaved, start_workers
-    from .peak import nominal_peak
-    from .provenance import cpu_flags, cpu_mhz
-    from .results import stats
+def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, res, say) -> None:
+    from .measure import spin_settings, start_workers
 
     logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    say(f"bench {cfg.model} alpha={cfg.alpha:g} res={cfg.resolution} on {cfg.target}, threads {threads}, "
-        f"variants {', '.join(v.name for v in vs if v.ok)}")
+    say(f"bench {res.doc['model']['name']} on {cfg.target}, threads {threads}, variants "
+        f"{', '.join(v.name for v in vs if v.ok)}")
+    vrec = {r["name"]: r for r in res.doc["variants"]}
     for v in vs:
         if not v.ok:
             say(f"  {v.name}: {v.note}")
     model = prepare_model(cfg, out / "model")
-    res.doc["model"]["input_shape"] = model["input_shape"]
-    res.save()
-
+    layers = model["layers"]
+    res.doc["model"].update(input_shape=model["input_shape"], layers=layers,
+                            mult_adds=sum(l["mult_adds"] for l in layers))
+    res.doc["isolation"] = {"spin_settings": spin_settings(cfg.spin), "order": "random per round", "fence": {}}
     for v in vs:
-        if v.ok and v.kind == "tvm" and not v.artifact:
-            say(f"build {v.name} ...")
+        if v.ok and v.kind == "tvm":
             try:
-                facts = build_variant(v, out / "builds" / v.name, logs / f"build-{v.name}.log")
-                vrec(v.name).update(build_facts=facts, artifact=v.artifact)
-                say(f"  built in {facts['seconds']:.1f} s, {len(facts['kernels'])} kernels")
+                if v.artifact:
+                    facts = _manifest_facts(v.artifact)
+                else:
+                    say(f"build {v.name} ...")
+                    logs.mkdir(parents=True, exist_ok=True)
+                    facts = build_variant(v, out / "builds" / v.name, logs / f"build-{v.name}.log")
+                vrec[v.name].update(build_facts=facts, artifact=v.artifact)
             except Exception as e:
                 v.status, v.note = "failed", f"build failed: {type(e).__name__}: {str(e)[:300]}"
-                vrec(v.name).update(status=v.status, note=v.note)
+                vrec[v.name].update(status=v.status, note=v.note)
                 say(f"  {v.note}")
             res.save()
-        elif v.ok and v.artifact and "build_facts" not in vrec(v.name):
-            import json
-            man = json.loads((Path(v.artifact) / "manifest.json").read_text())
-            vrec(v.name)["build_facts"] = {"seconds": None, "kernels": man.get("kernels", []),
-                                           "library_bytes": man["library"]["bytes"]}
 
-    flags, mhz, arch = cpu_flags(), cpu_mhz(), res.doc["provenance"]["machine"]["arch"]
-    for t in threads:
-        say(f"peak at {t} thread(s) ...")
-        (s, w, r), = start_workers([{"variant": "peak", "runtime": "peak", "threads": t}], logs)
+    for t in threads if cfg.peak else []:
+        (_, w, r), = start_workers([{"variant": "peak", "runtime": "peak", "threads": t, "target": cfg.target}], logs)
+        if not w:
+            raise RuntimeError(f"peak worker: {r['error']}")
         try:
-            p = w.request({"cmd": "peak", "quick": cfg.quick_peak}) if w else None
-        except WorkerError as e:
-            r, p = {"error": str(e)}, None
+            p = w.request({"cmd": "peak", "quick": cfg.quick_peak})
         finally:
-            if w:
-                w.close()
-        if p is None:
-            p = {"threads": t, "peak_gflops": 0.0, "copy_bandwidth_gbs": 0.0,
-                 "method": f"failed: {r.get('error')}"}
-        p["nominal"] = nominal_peak(t, flags, mhz, arch)
+            w.close()
         res.doc["peak"].append(p)
-        say(f"  SGEMM {p.get('peak_gflops', 0):.1f} GFLOP/s, copy {p.get('copy_bandwidth_gbs', 0):.1f} GB/s")
+        say(f"peak at {t} thread(s): FMA loop {p['fma_gflops']:.1f} GFLOP/s (hot loop "
+            f"{'registers only' if p['asm_check']['ok'] else 'NOT register-resident'}), triad {p['triad_gbs']:.1f} GB/s")
         res.save()
 
     for t in threads:
-        runnable = [v for v in vs if v.ok]
-        say(f"end to end, {t} thread(s): loading {len(runnable)} variants ...")
-        started = start_workers([worker_spec(v, cfg, t, model) for v in runnable], logs)
-        workers = {}
-        try:
-            for s, w, r in started:
-                chk = {"threads": t, "ok": bool(r.get("ok")), "load_s": r.get("load_s"),
-                       **(r.get("check") or {}), "info": r.get("info", {})}
-                if not r.get("ok"):
-                    chk["error"] = r.get("error")
-                    say(f"  {s['variant']}: failed to load: {r.get('error')}")
-                elif r.get("check") and not r["check"]["ok"]:
-                    say(f"  {s['variant']}: output differs from ONNX Runtime (max |err| "
-                        f"{r['check']['max_abs_err']:.3g}): timed, flagged in the report")
-                vrec(s["variant"])["checks"].append(chk)
-                if w:
-                    workers[s["variant"]] = w
-                    res.doc["e2e"].append({"variant": s["variant"], "threads": t, "samples_ms": [],
-                                           "rounds": [], "stats": {"n": 0}})
-            res.save()
-            entry = {e["variant"]: e for e in res.doc["e2e"] if e["threads"] == t}
+        _interleave(cfg, [v for v in vs if v.ok], t, model, logs, res, say, cfg.rounds, cfg.reps, cfg.warmup, vrec)
 
-            def on_block(name, r, samples):
-                e = entry[name]
-                e["samples_ms"] += samples
-                e["rounds"].append(r)
-                e["stats"] = stats(e["samples_ms"])
-                res.save()
-
-            interleaved(workers, cfg.rounds, cfg.reps, cfg.warmup, on_block,
-                        progress=lambda m: say(m + "   " + "  ".join(
-                            f"{n} {entry[n]['stats']['median']:.2f}" for n in workers
-                            if entry[n]["stats"].get("n")) + " ms"))
-        finally:
-            for w in workers.values():
-                w.close()
-
-    if cfg.layers:
-        kinds_by_variant = {r["name"]: {k.get("symbol", k["name"]): k["kind"] for k in (r.get("build_facts") or {}).get("kernels", [])}
-                            for r in res.doc["variants"]}
-        src_by_variant = {r["name"]: {k.get("symbol", k["name"]): k.get("source") for k in (r.get("build_facts") or {}).get("kernels", [])}
-                          for r in res.doc["variants"]}
-        for v in [v for v in vs if v.ok and v.kind == "tvm"]:
-            for t in threads:
-                say(f"per layer: {v.name} at {t} thread(s) ...")
-                spec = dict(worker_spec(v, cfg, t, model), mode="layers")
-                (s, w, r), = start_workers([spec], logs)
-                if not w:
-                    say(f"  failed: {r.get('error')}")
-                    continue
-                try:
-                    m = w.request({"cmd": "layers", "rounds": cfg.layer_rounds})
-                except WorkerError as e:
-                    say(f"  failed: {e}")
-                    continue
-                finally:
-                    w.close()
-                rows, problem = L.map_to_layers(m["calls"], kinds_by_variant.get(v.name, {}),
-                                                res.doc["model"]["cost_layers"])
-                for row in rows:
-                    row["median_ms"] = stats(row["samples_ms"])["median"]
-                    row["cold_median_ms"] = (stats(row["cold_samples_ms"])["median"]
-                                             if row.get("cold_samples_ms") else None)
-                    row["source"] = L.manifest_lookup(row["symbol"], src_by_variant.get(v.name, {}))
-                e2e = stats(m["e2e_samples_ms"])["median"]
-                cold = (sum(r_["cold_median_ms"] for r_ in rows)
-                        if all(r_["cold_median_ms"] is not None for r_ in rows) else None)
-                cons = L.consistency(sum(r_["median_ms"] for r_ in rows), cold, e2e,
-                                     vm_calls=len(rows) + sum(m["other_calls"].values()))
-                res.doc["layers"].append({"variant": v.name, "threads": t, "calls": rows,
-                                          "e2e_samples_ms": m["e2e_samples_ms"], "other_calls": m["other_calls"],
-                                          "mapping_problem": problem, "consistency": cons, "method": m["method"]})
-                res.save()
-                say(f"  {len(rows)} kernel calls: warm sum {cons['kernel_sum_ms']:.2f} ms, cold sum "
-                    f"{cons['cold_kernel_sum_ms'] or 0:.2f} ms, end to end {cons['e2e_ms']:.2f} ms: "
-                    f"{'consistent' if cons['ok'] else 'NOT bracketed'} ({cons['lower_ms']:.2f}..{cons['upper_ms']:.2f})"
-                    + (f"; {problem}" if problem else ""))
+    for v in [v for v in vs if v.ok and v.kind == "tvm"] if cfg.layers else []:
+        for t in threads:
+            _layers(cfg, v, t, model, logs, res, say, vrec[v.name]["build_facts"]["kernels"])
 
     if cfg.grid:
-        from .grid import run_grid
-        run_grid(cfg, out, threads, res, say)
+        _grid(cfg, out, threads, res, say)
+
+
+def _interleave(cfg, vs, t, model, logs, res, say, rounds, reps, warmup, vrec=None) -> list[dict]:
+    from .measure import interleaved, noise, start_workers
+    from .results import stats
+
+    say(f"end to end, {t} thread(s): loading {len(vs)} variants ...")
+    workers, entry = {}, {}
+    try:
+        for s, w, r in start_workers([worker_spec(v, cfg, t, model) for v in vs], logs):
+            chk = {"threads": t, "ok": bool(r.get("ok")), "load_s": r.get("load_s"), **(r.get("check") or {})}
+            if not r.get("ok"):
+                chk["error"] = r.get("error")
+                say(f"  {s['variant']}: failed to load: {r.get('error')}")
+            elif not r["check"]["ok"]:
+                say(f"  {s['variant']}: output differs from ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})")
+            if vrec is not None:
+                vrec[s["variant"]]["checks"].append(chk)
+            if w:
+                workers[s["variant"]] = w
+                entry[s["variant"]] = {"variant": s["variant"], "threads": t, "samples_ms": [], "rounds": [],
+                                       "block_medians_ms": [], "stats": {"n": 0}, "noise": None}
+        if vrec is not None:
+            res.doc["e2e"] += entry.values()
+
+        def on_block(name, r, samples, _fence_s):
+            import numpy as np
+            e = entry[name]
+            e["samples_ms"] += samples
+            e["rounds"].append(r)
+            e["block_medians_ms"].append(float(np.median(samples)))
+            e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
+            if vrec is not None:
+                res.save()
+
+        fence = interleaved(workers, rounds, reps, warmup, on_block, seed=cfg.seed + t,
+                            progress=lambda m: say(m + "   " + "  ".join(
+                                f"{n} {e['stats']['median']:.2f}" for n, e in entry.items() if e["stats"]["n"]) + " ms"))
+        if vrec is not None:
+            res.doc["isolation"]["fence"][str(t)] = fence
+    finally:
+        for w in workers.values():
+            w.close()
+    return list(entry.values())
+
+
+def _layers(cfg, v, t, model, logs, res, say, kernels) -> None:
+    from . import layers as L
+    from .measure import WorkerError, start_workers
+    from .results import stats
+
+    say(f"per layer: {v.name} at {t} thread(s) ...")
+    (_, w, r), = start_workers([dict(worker_spec(v, cfg, t, model), mode="layers")], logs)
+    if not w:
+        return say(f"  failed: {r.get('error')}")
+    try:
+        m = w.request({"cmd": "layers", "rounds": cfg.layer_rounds})
+    except WorkerError as e:
+        return say(f"  failed: {e}")
+    finally:
+        w.close()
+    rows, problem = L.map_to_layers(m["calls"], kernels, model["layers"])
+    src = {k.get("symbol", k["name"]): k.get("source") for k in kernels}
+    for row in rows:
+        row["median_ms"] = stats(row["samples_ms"])["median"]
+        row["cold_median_ms"] = stats(row["cold_samples_ms"])["median"] if row.get("cold_samples_ms") else None
+        row["source"] = src.get(row["symbol"])
+    e2e = stats(m["e2e_samples_ms"])["median"]
+    cold = sum(x["cold_median_ms"] for x in rows) if all(x["cold_median_ms"] is not None for x in rows) else None
+    cons = L.consistency(sum(x["median_ms"] for x in rows), cold, e2e, vm_calls=len(rows) + sum(m["other_calls"].values()))
+    res.doc["layers"].append({"variant": v.name, "threads": t, "calls": rows, "e2e_samples_ms": m["e2e_samples_ms"],
+                              "other_calls": m["other_calls"], "mapping_problem": problem, "consistency": cons,
+                              "method": m["method"]})
+    res.save()
+    say(f"  {len(rows)} kernel calls: warm sum {cons['kernel_sum_ms']:.2f} ms, end to end {cons['e2e_ms']:.2f} ms, "
+        f"overhead {cons['unattributed_ms']:.2f} ms: {'consistent' if cons['ok'] else 'NOT bracketed'}"
+        + (f"; {problem}" if problem else ""))
+
+
+def _grid(cfg, out, threads, res, say) -> None:
+    """MobileNet v1's alpha x rho variants: measured latency against mult-adds (the paper's Figures
+    4-5 with time), few repetitions; each point's libraries are deleted once measured."""
+    from ..models.mobilenet_v1 import PAPER_ALPHAS, PAPER_RESOLUTIONS
+    from . import variants
+
+    points = cfg.grid_points or [(a, r) for a in PAPER_ALPHAS for r in PAPER_RESOLUTIONS]
+    t = cfg.grid_threads or max(threads)
+    say(f"alpha x rho grid: {len(points)} points x {', '.join(cfg.grid_variants)} at {t} thread(s)")
+    for a, r in points:
+        pcfg, d = replace(cfg, alpha=a, resolution=r), out / "grid" / f"{a:g}-{r}"
+        model = prepare_model(pcfg, d / "model")
+        vs = variants.resolve(cfg.grid_variants, pcfg.base_build(), cfg.target, cfg.database, cfg.ms_database)
+        for v in [v for v in vs if v.ok and v.kind == "tvm"]:
+            if v.database:
+                v.build_kwargs["database"] = str(out / "databases" / v.name)
+            build_variant(v, d / v.name, out / "logs" / "build-grid.log")
+        entries = _interleave(pcfg, [v for v in vs if v.ok], t, model, out / "logs" / "grid", res, lambda m: None,
+                              cfg.grid_rounds, cfg.grid_reps, 1)
+        madds = sum(l["mult_adds"] for l in model["layers"])
+        for e in entries:
+            res.doc["grid"].append({**e, "alpha": a, "resolution": r, "mult_adds": madds, "accuracy": PAPER_TOP1.get((a, r))})
+        res.save()
+        shutil.rmtree(d, ignore_errors=True)
+        say(f"  {a:g}-{r} ({madds / 1e6:.0f}M mult-adds): " + "  ".join(
+            f"{e['variant']} {e['stats']['median']:.2f} ms" for e in entries if e["stats"]["n"]))

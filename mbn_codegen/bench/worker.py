@@ -1,16 +1,12 @@
 """One benchmark subprocess: loads one runtime at one thread count and times it on request.
 
-Why a process per (variant, threads): TVM reads TVM_NUM_THREADS when its thread pool starts,
-OpenMP/OpenBLAS read their variables at load, and runtimes that spin-wait (ONNX Runtime, TVM's
-pool) must not steal cores from each other. The coordinator sets the environment and talks JSON
-lines over stdin/stdout; everything else a runtime prints goes to stderr (a log file).
+A process per (variant, threads): TVM reads TVM_NUM_THREADS when its pool starts, OpenMP its
+variables at load, and a runtime's pool must be idle while another variant is timed (measure.py
+fences between blocks and sets the spin settings). JSON lines on stdin/stdout;
+everything a runtime prints goes to stderr (a log file).
 
-Protocol: first line = spec {"runtime", "threads", "input", "reference", ...}; reply
-{"ok": true, "check": {...}, "load_s": ...}. Then commands:
-  {"cmd": "time", "n": N, "warmup": W}   -> {"samples_ms": [...]}   (N calls, each timed)
-  {"cmd": "layers", "rounds": R}         -> per-kernel timing (TVM only, see layers.py)
-  {"cmd": "peak"}                        -> SGEMM / bandwidth (runtime "peak", see peak.py)
-  {"cmd": "quit"} or end of input        -> exit
+First line: spec {"runtime", "threads", ...}; reply {"ok", "check", "load_s"}. Then commands
+{"cmd": "time", "n", "warmup"} | {"cmd": "layers", "rounds"} | {"cmd": "peak", "quick"} | {"cmd": "quit"}.
 """
 from __future__ import annotations
 
@@ -26,8 +22,7 @@ import numpy as np
 
 def _tvm(spec):
     from ..runtime import load
-    m = load(spec["artifact"])
-    return m.run
+    return load(spec["artifact"]).run
 
 
 def _torch(spec):
@@ -54,7 +49,7 @@ def _onnxruntime(spec):
     o = ort.SessionOptions()
     o.intra_op_num_threads = spec["threads"]
     o.inter_op_num_threads = 1
-    o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spec.get("spin", True) else "0")
     sess = ort.InferenceSession(spec["onnx"], o, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
@@ -63,21 +58,11 @@ def _onnxruntime(spec):
 def _openvino(spec):
     import openvino as ov
 
-    core = ov.Core()
-    cfg = {"INFERENCE_NUM_THREADS": spec["threads"], "PERFORMANCE_HINT": "LATENCY",
-           "NUM_STREAMS": 1}
+    cfg = {"INFERENCE_NUM_THREADS": spec["threads"], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     if spec.get("precision", "f32") == "f32":
         cfg["INFERENCE_PRECISION_HINT"] = "f32"
-    cm = core.compile_model(core.read_model(spec["onnx"]), "CPU", cfg)
-    req = cm.create_infer_request()
-    spec["_info"] = {"openvino": ov.__version__,
-                     "inference_precision": _ov_str(cm.get_property("INFERENCE_PRECISION_HINT")),
-                     "threads": int(cm.get_property("INFERENCE_NUM_THREADS"))}
+    req = ov.Core().compile_model(spec["onnx"], "CPU", cfg).create_infer_request()
     return lambda x: req.infer({0: x})[0]
-
-
-def _ov_str(x) -> str:
-    return x.to_string() if hasattr(x, "to_string") else str(x)
 
 
 RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino}
@@ -87,7 +72,7 @@ def _check(out: np.ndarray, ref: np.ndarray) -> dict:
     scale = max(1e-12, float(np.abs(ref).max()))
     err = float(np.abs(out.astype(np.float64) - ref).max())
     ok = bool(np.allclose(out, ref, rtol=1e-3, atol=1e-3 * scale)) and int(out.argmax()) == int(ref.argmax())
-    return {"max_abs_err": err, "rel_err": err / scale, "ok": ok, "oracle": "onnxruntime"}
+    return {"max_abs_err": err, "ok": ok, "oracle": "onnxruntime"}
 
 
 def _time(run, x, n: int, warmup: int) -> list[float]:
@@ -106,24 +91,17 @@ def serve(spec: dict, proto) -> None:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
+    run = prof = None
     try:
         t0 = time.perf_counter()
-        if spec["runtime"] == "peak":
-            from .peak import measure_peak
-            reply({"ok": True, "load_s": 0.0})
-            run = None
-        elif spec.get("mode") == "layers":
+        check = None
+        if spec.get("mode") == "layers":
             from .layers import LayerProfiler
             prof = LayerProfiler(spec["artifact"], np.load(spec["input"]))
-            reply({"ok": True, "load_s": time.perf_counter() - t0})
-            run = None
-        else:
-            run = RUNTIMES[spec["runtime"]](spec)
-            x = np.load(spec["input"])
-            out = np.asarray(run(x))
-            check = _check(out, np.load(spec["reference"])) if spec.get("reference") else None
-            reply({"ok": True, "load_s": time.perf_counter() - t0, "check": check,
-                   "info": spec.get("_info", {})})
+        elif spec["runtime"] != "peak":
+            run, x = RUNTIMES[spec["runtime"]](spec), np.load(spec["input"])
+            check = _check(np.asarray(run(x)), np.load(spec["reference"]))
+        reply({"ok": True, "load_s": time.perf_counter() - t0, "check": check})
     except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
         traceback.print_exc()
         reply({"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
@@ -136,9 +114,11 @@ def serve(spec: dict, proto) -> None:
             if cmd["cmd"] == "time":
                 reply({"samples_ms": _time(run, x, int(cmd["n"]), int(cmd.get("warmup", 0)))})
             elif cmd["cmd"] == "layers":
-                reply(prof.measure(int(cmd.get("rounds", 5)), int(cmd.get("min_repeat_ms", 5))))
+                reply(prof.measure(int(cmd.get("rounds", 5))))
             elif cmd["cmd"] == "peak":
-                reply(measure_peak(spec["threads"], quick=bool(cmd.get("quick"))))
+                from .. import targets
+                from .peak import measure_peak
+                reply(measure_peak(targets.load(spec["target"]), spec["threads"], bool(cmd.get("quick"))))
             else:
                 reply({"error": f"unknown command {cmd['cmd']!r}"})
         except Exception as e:
@@ -151,9 +131,8 @@ def main() -> None:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                                     # stray prints (TVM's "Scope Loaded") -> log
     line = sys.stdin.readline()
-    if not line:
-        return
-    serve(json.loads(line), proto)
+    if line:
+        serve(json.loads(line), proto)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench.variants import ALL_VARIANTS, DEFAULT_VARIANTS
 from .common import add_model_args
 
 
@@ -16,7 +17,6 @@ def _ints(s: str) -> list[int]:
 
 
 def _names(s: str) -> list[str]:
-    from ..bench.variants import ALL_VARIANTS
     v = [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in v if x not in ALL_VARIANTS]
     if bad:
@@ -39,11 +39,10 @@ def _points(s: str) -> list[tuple[float, int]]:
 
 
 def add_parser(sub) -> None:
-    from ..bench.variants import DEFAULT_DATABASE, DEFAULT_MS_DATABASE, DEFAULT_VARIANTS
 
     p = sub.add_parser("bench", help="benchmark report: tuned vs stock TVM vs PyTorch / ONNX Runtime / "
                        "OpenVINO, end to end and per layer, with plots",
-                       description="Writes a report folder (report.md, report.html, PNG plots, "
+                       description="Writes a report folder (report.html, report.md, PNG plots, "
                        "results.json). Progress goes to stdout; Ctrl-C keeps what was measured.")
     add_model_args(p)
     p.add_argument("--weights", help="state_dict file or 'pretrained' (v2); default: live random weights")
@@ -54,9 +53,9 @@ def add_parser(sub) -> None:
                    help=f"what to measure (default {','.join(DEFAULT_VARIANTS)}; also openvino-bf16). "
                    "Unavailable ones are listed in the report with the reason")
     p.add_argument("--database", metavar="DIR", help="tuning database of our schedules (ours-tuned; "
-                   f"default: where `mbn-codegen tune` writes, {DEFAULT_DATABASE})")
+                   "default: where `mbn-codegen tune` writes, targets/databases/<target>)")
     p.add_argument("--ms-database", metavar="DIR", help="database of TVM's generic MetaSchedule space "
-                   f"(metaschedule; default: where `mbn-codegen tune --space generic` writes, {DEFAULT_MS_DATABASE})")
+                   "(metaschedule; default: where `mbn-codegen tune --space generic` writes)")
     p.add_argument("--artifact", type=_artifact, action="append", default=[], metavar="LABEL=DIR",
                    help="also measure an already-built artifact directory (repeatable)")
     p.add_argument("--threads", type=_ints, metavar="N,M", help="thread counts (default: 1 and all cores)")
@@ -71,20 +70,20 @@ def add_parser(sub) -> None:
     p.add_argument("--grid-points", type=_points, default=None, metavar="A-R,...",
                    help="grid points instead of the paper's 16, e.g. 0.25-128,0.5-160")
     p.add_argument("--grid-threads", type=int, help="thread count of the grid (default: the largest)")
+    p.add_argument("--no-spin", action="store_true", help="every runtime's idle threads block at once "
+                   "(OMP_WAIT_POLICY=PASSIVE, TVM_THREAD_POOL_SPIN_COUNT=0, ONNX Runtime allow_spinning=0)")
     p.add_argument("--quick", action="store_true", help="few repetitions (smoke test; numbers are rough)")
     p.add_argument("--out", help="report folder (default reports/<model>-<alpha>-<res>-<target>-<date>)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="compare two report folders (A = before, B = after) instead of measuring")
-    p.add_argument("--report-only", metavar="DIR", help="regenerate report.md/html and plots from DIR/results.json")
+    p.add_argument("--report-only", metavar="DIR", help="regenerate the report and plots from DIR/results.json")
 
 
 def main(args) -> int:
     if args.compare:
         from ..bench.compare import compare
-        r = compare(args.compare[0], args.compare[1], out=args.out,
-                    variants=None if args.variants == _names_default() else args.variants)
-        print(r["text"])
-        print(f"wrote {', '.join(str(f) for f in r['files'].values())}")
+        r = compare(*args.compare, out=args.out, variants=None if args.variants == list(DEFAULT_VARIANTS) else args.variants)
+        print(r["text"] + f"wrote {r['files']['md']}")
         return 0
     if args.report_only:
         from ..bench.report import write_report
@@ -93,8 +92,7 @@ def main(args) -> int:
         errs = validate(doc)
         for e in errs[:20]:
             print(f"schema: {e}")
-        files = write_report(args.report_only, doc)
-        print(f"wrote {files['md']}, {files['html']}")
+        print(f"wrote {write_report(args.report_only, doc)['html']}")
         return 1 if errs else 0
 
     from ..bench import BenchConfig, run_bench
@@ -107,14 +105,10 @@ def main(args) -> int:
                       rounds=args.rounds, reps=args.reps, warmup=args.warmup, layers=not args.no_layers,
                       layer_rounds=args.layer_rounds, grid=args.grid,
                       grid_variants=args.grid_variants or list(GRID_DEFAULT_VARIANTS),
-                      grid_points=args.grid_points, grid_threads=args.grid_threads, out=args.out)
+                      grid_points=args.grid_points, grid_threads=args.grid_threads, out=args.out,
+                      spin=not args.no_spin)
     if args.quick:
         cfg.rounds, cfg.reps, cfg.warmup, cfg.layer_rounds = 3, 2, 2, 2
         cfg.grid_rounds, cfg.grid_reps, cfg.quick_peak = 2, 1, True
     run_bench(cfg, log=lambda s: print(s, flush=True))
     return 0
-
-
-def _names_default() -> list[str]:
-    from ..bench.variants import DEFAULT_VARIANTS
-    return list(DEFAULT_VARIANTS)

@@ -1,7 +1,7 @@
-"""Issue 3's performance targets, judged from a bench report (or a fresh bench run).
+"""The schedules' performance targets, judged from a bench report (or a fresh bench run).
 
-    .venv/bin/python benchmarks/issue3_targets.py reports/<dir>          # judge an existing report
-    .venv/bin/python benchmarks/issue3_targets.py --run [--target x86_64-avx512]   # measure, then judge
+    .venv/bin/python benchmarks/performance_targets.py reports/<dir>          # judge an existing report
+    .venv/bin/python benchmarks/performance_targets.py --run [--target x86_64]   # measure, then judge
 
 Targets (MobileNet v1 1.0-224, fp32, batch 1, on 1 thread and on all cores):
   ours-tuned at least as fast as the fastest peer (PyTorch / ONNX Runtime / OpenVINO);
@@ -37,7 +37,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", nargs="?", help="a bench report folder")
     p.add_argument("--run", action="store_true", help="run the bench first (v1 1.0-224, all variants)")
-    p.add_argument("--target", default="x86_64-avx512")
+    p.add_argument("--target", default="x86_64")
     a = p.parse_args()
     from mbn_codegen.bench import BenchConfig, run_bench
     from mbn_codegen.bench.results import load
