@@ -33,4 +33,4 @@ def compare(a: str | Path, b: str | Path, out: str | Path | None = None, variant
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(text)
-    return {"e2e": e2e, "layers": layers, "files": {"md": out / "compare.md"}, "text": text}
+    return {"e2e": e2e, "layers": layers, "md": out / "compare.md", "text": text}

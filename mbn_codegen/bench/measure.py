@@ -30,6 +30,8 @@ def spin_settings(spin: bool) -> dict:
     if spin:
         return {"all runtimes": "their default spin-wait inside their own block; the fence waits it out"}
     return {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"}
+
+
 FENCE_WINDOW_S, FENCE_IDLE_CPU_S, FENCE_TIMEOUT_S = 0.02, 0.002, 2.0
 
 
@@ -58,21 +60,21 @@ class Worker:
         try:
             self.proc.stdin.write(json.dumps(obj) + "\n")
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
+        except OSError as e:
             raise WorkerError(f"{self.name}: worker is gone ({e}); see {self._log.name}") from None
 
     def recv(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             raise WorkerError(f"{self.name}: worker exited (code {self.proc.wait()}); see {self._log.name}")
-        return json.loads(line)
+        r = json.loads(line)
+        if "error" in r and "ok" not in r:
+            raise WorkerError(f"{self.name}: {r['error']}")
+        return r
 
     def request(self, obj: dict) -> dict:
         self._send(obj)
-        r = self.recv()
-        if "error" in r:
-            raise WorkerError(f"{self.name}: {r['error']}")
-        return r
+        return self.recv()
 
     def cpu_s(self) -> float:
         try:
@@ -82,33 +84,26 @@ class Worker:
             return 0.0
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.close()
-            except (BrokenPipeError, OSError, ValueError):
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()              # our own child, by its handle
-                self.proc.wait()
+        try:
+            self.proc.stdin.close()           # the worker exits at the end of its input
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()                  # our own child, by its handle
+            self.proc.wait()
         self._log.close()
 
 
 def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker | None, dict]]:
     """Start all at once (loading is the slow part), then collect their ready replies."""
-    started = [(s, Worker(s, log_dir / f"{s['variant']}-{s['threads']}t.log")) for s in specs]
     out = []
-    for s, w in started:
+    for s, w in [(s, Worker(s, log_dir / f"{s['variant']}-{s['threads']}t.log")) for s in specs]:
         try:
             r = w.recv()
         except WorkerError as e:
             r = {"ok": False, "error": str(e)}
-        if not r.get("ok"):
+        if not r["ok"]:
             w.close()
-            w = None
-        out.append((s, w, r))
+        out.append((s, w if r["ok"] else None, r))
     return out
 
 
@@ -116,12 +111,10 @@ def fence(workers, window=FENCE_WINDOW_S, idle=FENCE_IDLE_CPU_S, timeout=FENCE_T
     """Wait until the workers together use less than `idle` CPU seconds per `window`. Returns
     (seconds waited, whether it timed out). Our workers' own CPU time, not the machine's: other
     users of a shared machine never let it go idle."""
-    t0 = time.perf_counter()
-    before = sum(w.cpu_s() for w in workers)
+    t0, before = time.perf_counter(), sum(w.cpu_s() for w in workers)
     while True:
         time.sleep(window)
-        now = sum(w.cpu_s() for w in workers)
-        waited = time.perf_counter() - t0
+        now, waited = sum(w.cpu_s() for w in workers), time.perf_counter() - t0
         if now - before < idle or waited > timeout:
             return waited, waited > timeout
         before = now
@@ -129,38 +122,28 @@ def fence(workers, window=FENCE_WINDOW_S, idle=FENCE_IDLE_CPU_S, timeout=FENCE_T
 
 def noise(block_medians: list[float]) -> float | None:
     """(p90 - p10) / median of one variant's per-block medians: how far two runs of it drift."""
-    if len(block_medians) < 3:
-        return None
     a = np.asarray(block_medians)
-    return float((np.percentile(a, 90) - np.percentile(a, 10)) / np.median(a))
+    return float((np.percentile(a, 90) - np.percentile(a, 10)) / np.median(a)) if a.size >= 3 else None
 
 
 def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
-                on_block: Callable[[str, int, list[float], float], None], seed: int = 0,
-                progress: Callable[[str], None] | None = None) -> dict:
-    """on_block(variant, round, samples_ms, fence_s) after every block, so an interruption loses at
-    most one block. Returns the fence statistics."""
-    names, rng, waits, timeouts = list(workers), random.Random(seed), [], 0
-    for name in names:
-        workers[name].request({"cmd": "time", "n": 0, "warmup": warmup})
-    t_start = time.perf_counter()
+                on_block: Callable[[str, int, list[float]], None], progress: Callable[[str], None], seed: int = 0) -> dict:
+    """on_block(variant, round, samples_ms) after every block, so an interruption loses at most one
+    block. Returns the fence statistics."""
+    rng, waits, timeouts, t0 = random.Random(seed), [], 0, time.perf_counter()
+    for w in workers.values():
+        w.request({"cmd": "time", "n": 0, "warmup": warmup})
     for r in range(rounds):
-        order = rng.sample(names, len(names))
+        order = rng.sample(list(workers), len(workers))
         for name in order:
             waited, to = fence(workers.values())
-            waits.append(waited)
-            timeouts += to
+            waits, timeouts = waits + [waited], timeouts + to
             try:
-                res = workers[name].request({"cmd": "time", "n": reps, "warmup": 1})
+                on_block(name, r, workers[name].request({"cmd": "time", "n": reps, "warmup": 1})["samples_ms"])
             except WorkerError as e:
-                if progress:
-                    progress(f"  {name}: {e}; dropped from the remaining rounds")
+                progress(f"  {name}: {e}; dropped from the remaining rounds")
                 workers.pop(name).close()
-                names.remove(name)
-                continue
-            on_block(name, r, res["samples_ms"], waited)
-        if progress:
-            el = time.perf_counter() - t_start
-            progress(f"  round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, ~{el / (r + 1) * (rounds - r - 1):.0f} s left")
+        el = time.perf_counter() - t0
+        progress(f"  round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, ~{el / (r + 1) * (rounds - r - 1):.0f} s left")
     return {"blocks": len(waits), "median_wait_ms": float(np.median(waits) * 1e3) if waits else 0.0,
             "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": timeouts}

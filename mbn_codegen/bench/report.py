@@ -188,7 +188,7 @@ def render(doc: dict, out: Path, plots: dict[str, str]) -> str:
             f"<style>{css}</style></head><body>\n" + "\n".join(h) + "\n</body></html>\n")
 
 
-def write_report(out: str | Path, doc: dict) -> dict[str, Path]:
+def write_report(out: str | Path, doc: dict) -> Path:
     from . import plots as P
 
     out, made = Path(out), {}
@@ -207,4 +207,4 @@ def write_report(out: str | Path, doc: dict) -> dict[str, Path]:
         md += [f"## {t} thread(s)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(str(c) for c in r) + " |" for r in body] + [""]
     (out / "report.md").write_text("\n".join(md + [closing_line(doc), "", "Details, plots: report.html", ""]))
-    return {"html": out / "report.html", "md": out / "report.md", **{k: out / v for k, v in made.items()}}
+    return out / "report.html"

@@ -34,7 +34,7 @@ class BenchConfig:
     ms_database: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)   # extra variants: label -> artifact dir
     threads: list[int] | None = None    # default: 1 and all usable cores
-    rounds: int = 10                    # interleaved rounds of `reps` timed calls per variant
+    rounds: int = 10
     reps: int = 5
     warmup: int = 5
     layers: bool = True
@@ -65,6 +65,8 @@ def prepare_model(cfg: BenchConfig, d: Path) -> dict:
     import numpy as np
 
     from ..export import export_onnx, fix_input_shape, load_onnx, onnxruntime_run
+    from ..models import create
+    from ..models.calibrate import make_live
     from .layers import onnx_layers
 
     d.mkdir(parents=True, exist_ok=True)
@@ -72,12 +74,8 @@ def prepare_model(cfg: BenchConfig, d: Path) -> dict:
     if cfg.onnx:
         shutil.copyfile(cfg.onnx, onnx)
     else:
-        from ..models import create
-        from ..models.calibrate import make_live
         m = create(cfg.model, cfg.alpha, cfg.resolution, cfg.num_classes, cfg.weights)
-        if cfg.weights is None:
-            make_live(m, seed=cfg.seed)
-        export_onnx(m, onnx, cfg.resolution)
+        export_onnx(make_live(m, seed=cfg.seed) if cfg.weights is None else m, onnx, cfg.resolution)
     _, shape = fix_input_shape(load_onnx(onnx))
     x = np.random.default_rng(cfg.seed + 12345).standard_normal(shape).astype("float32")
     np.save(d / "input.npy", x)
@@ -101,14 +99,9 @@ def _manifest_facts(artifact: str) -> dict:
 
 
 def worker_spec(v, cfg: BenchConfig, threads: int, model: dict) -> dict:
-    s = {"variant": v.name, "runtime": v.runtime, "threads": threads, "input": model["input"],
-         "reference": model["reference"], "onnx": model["onnx"], "artifact": v.artifact, "spin": cfg.spin}
-    if v.runtime == "torch":
-        s.update(model=cfg.model, alpha=cfg.alpha, resolution=cfg.resolution, num_classes=cfg.num_classes,
-                 weights=cfg.weights, seed=cfg.seed)
-    if v.name == "openvino-bf16":
-        s["precision"] = "default"
-    return s
+    return {**cfg.base_build(), "variant": v.name, "runtime": v.runtime, "threads": threads, "artifact": v.artifact,
+            "spin": cfg.spin, **{k: model[k] for k in ("input", "reference", "onnx")},
+            "precision": "default" if v.name == "openvino-bf16" else "f32"}
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
@@ -172,61 +165,59 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, res, say) -> None:
-    from .measure import spin_settings, start_workers
+    from .measure import spin_settings
 
-    logs = out / "logs"
+    logs, vrec = out / "logs", {r["name"]: r for r in res.doc["variants"]}
     say(f"bench {res.doc['model']['name']} on {cfg.target}, threads {threads}, variants "
-        f"{', '.join(v.name for v in vs if v.ok)}")
-    vrec = {r["name"]: r for r in res.doc["variants"]}
-    for v in vs:
-        if not v.ok:
-            say(f"  {v.name}: {v.note}")
+        f"{', '.join(v.name for v in vs if v.ok)}" + "".join(f"\n  {v.name}: {v.note}" for v in vs if not v.ok))
     model = prepare_model(cfg, out / "model")
-    layers = model["layers"]
-    res.doc["model"].update(input_shape=model["input_shape"], layers=layers,
-                            mult_adds=sum(l["mult_adds"] for l in layers))
+    res.doc["model"].update(input_shape=model["input_shape"], layers=model["layers"],
+                            mult_adds=sum(l["mult_adds"] for l in model["layers"]))
     res.doc["isolation"] = {"spin_settings": spin_settings(cfg.spin), "order": "random per round", "fence": {}}
-    for v in vs:
-        if v.ok and v.kind == "tvm":
-            try:
-                if v.artifact:
-                    facts = _manifest_facts(v.artifact)
-                else:
-                    say(f"build {v.name} ...")
-                    logs.mkdir(parents=True, exist_ok=True)
-                    facts = build_variant(v, out / "builds" / v.name, logs / f"build-{v.name}.log")
-                vrec[v.name].update(build_facts=facts, artifact=v.artifact)
-            except Exception as e:
-                v.status, v.note = "failed", f"build failed: {type(e).__name__}: {str(e)[:300]}"
-                vrec[v.name].update(status=v.status, note=v.note)
-                say(f"  {v.note}")
-            res.save()
-
-    for t in threads if cfg.peak else []:
-        (_, w, r), = start_workers([{"variant": "peak", "runtime": "peak", "threads": t, "target": cfg.target}], logs)
-        if not w:
-            raise RuntimeError(f"peak worker: {r['error']}")
+    for v in [v for v in vs if v.ok and v.kind == "tvm"]:
         try:
-            p = w.request({"cmd": "peak", "quick": cfg.quick_peak})
-        finally:
-            w.close()
+            say(f"build {v.name} ..." if not v.artifact else f"{v.name}: {v.artifact}")
+            logs.mkdir(parents=True, exist_ok=True)
+            facts = _manifest_facts(v.artifact) if v.artifact else build_variant(v, out / "builds" / v.name, logs / "build.log")
+            vrec[v.name].update(build_facts=facts, artifact=v.artifact)
+        except Exception as e:
+            v.status, v.note = "failed", f"build failed: {type(e).__name__}: {str(e)[:300]}"
+            vrec[v.name].update(status=v.status, note=v.note)
+            say(f"  {v.note}")
+        res.save()
+    for t in threads if cfg.peak else []:
+        p = _ask({"variant": "peak", "runtime": "peak", "threads": t, "target": cfg.target},
+                 {"cmd": "peak", "quick": cfg.quick_peak}, logs)
         res.doc["peak"].append(p)
+        res.save()
         say(f"peak at {t} thread(s): FMA loop {p['fma_gflops']:.1f} GFLOP/s (hot loop "
             f"{'registers only' if p['asm_check']['ok'] else 'NOT register-resident'}), triad {p['triad_gbs']:.1f} GB/s")
-        res.save()
-
     for t in threads:
-        _interleave(cfg, [v for v in vs if v.ok], t, model, logs, res, say, cfg.rounds, cfg.reps, cfg.warmup, vrec)
-
+        res.doc["isolation"]["fence"][str(t)] = _interleave(cfg, [v for v in vs if v.ok], t, model, logs, res.doc["e2e"],
+                                                            res.save, say, cfg.rounds, cfg.reps, cfg.warmup, vrec)
     for v in [v for v in vs if v.ok and v.kind == "tvm"] if cfg.layers else []:
         for t in threads:
             _layers(cfg, v, t, model, logs, res, say, vrec[v.name]["build_facts"]["kernels"])
-
     if cfg.grid:
         _grid(cfg, out, threads, res, say)
 
 
-def _interleave(cfg, vs, t, model, logs, res, say, rounds, reps, warmup, vrec=None) -> list[dict]:
+def _ask(spec: dict, cmd: dict, logs: Path) -> dict:
+    from .measure import WorkerError, start_workers
+
+    (_, w, r), = start_workers([spec], logs)
+    if not w:
+        raise WorkerError(r["error"])
+    try:
+        return w.request(cmd)
+    finally:
+        w.close()
+
+
+def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, warmup, vrec=None) -> dict:
+    """Time `vs` at `t` threads, appending one series per variant to `dest` as it grows."""
+    import numpy as np
+
     from .measure import interleaved, noise, start_workers
     from .results import stats
 
@@ -234,66 +225,50 @@ def _interleave(cfg, vs, t, model, logs, res, say, rounds, reps, warmup, vrec=No
     workers, entry = {}, {}
     try:
         for s, w, r in start_workers([worker_spec(v, cfg, t, model) for v in vs], logs):
-            chk = {"threads": t, "ok": bool(r.get("ok")), "load_s": r.get("load_s"), **(r.get("check") or {})}
-            if not r.get("ok"):
-                chk["error"] = r.get("error")
-                say(f"  {s['variant']}: failed to load: {r.get('error')}")
-            elif not r["check"]["ok"]:
-                say(f"  {s['variant']}: output differs from ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})")
-            if vrec is not None:
-                vrec[s["variant"]]["checks"].append(chk)
+            if vrec:
+                vrec[s["variant"]]["checks"].append({"threads": t, **{k: r[k] for k in ("ok", "error") if k in r},
+                                                     **(r.get("check") or {})})
+            if not w or not r["check"]["ok"]:
+                say(f"  {s['variant']}: " + (f"failed to load: {r['error']}" if not w else
+                                             f"output differs from ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})"))
             if w:
                 workers[s["variant"]] = w
                 entry[s["variant"]] = {"variant": s["variant"], "threads": t, "samples_ms": [], "rounds": [],
                                        "block_medians_ms": [], "stats": {"n": 0}, "noise": None}
-        if vrec is not None:
-            res.doc["e2e"] += entry.values()
+        dest += entry.values()
 
-        def on_block(name, r, samples, _fence_s):
-            import numpy as np
+        def on_block(name, r, samples):
             e = entry[name]
             e["samples_ms"] += samples
             e["rounds"].append(r)
             e["block_medians_ms"].append(float(np.median(samples)))
             e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
-            if vrec is not None:
-                res.save()
+            save()
 
-        fence = interleaved(workers, rounds, reps, warmup, on_block, seed=cfg.seed + t,
-                            progress=lambda m: say(m + "   " + "  ".join(
-                                f"{n} {e['stats']['median']:.2f}" for n, e in entry.items() if e["stats"]["n"]) + " ms"))
-        if vrec is not None:
-            res.doc["isolation"]["fence"][str(t)] = fence
+        return interleaved(workers, rounds, reps, warmup, on_block, seed=cfg.seed + t, progress=lambda m: say(
+            m + "   " + "  ".join(f"{n} {e['stats']['median']:.2f}" for n, e in entry.items() if e["stats"]["n"]) + " ms"))
     finally:
         for w in workers.values():
             w.close()
-    return list(entry.values())
 
 
 def _layers(cfg, v, t, model, logs, res, say, kernels) -> None:
     from . import layers as L
-    from .measure import WorkerError, start_workers
+    from .measure import WorkerError
     from .results import stats
 
     say(f"per layer: {v.name} at {t} thread(s) ...")
-    (_, w, r), = start_workers([dict(worker_spec(v, cfg, t, model), mode="layers")], logs)
-    if not w:
-        return say(f"  failed: {r.get('error')}")
     try:
-        m = w.request({"cmd": "layers", "rounds": cfg.layer_rounds})
+        m = _ask(dict(worker_spec(v, cfg, t, model), mode="layers"), {"cmd": "layers", "rounds": cfg.layer_rounds}, logs)
     except WorkerError as e:
         return say(f"  failed: {e}")
-    finally:
-        w.close()
     rows, problem = L.map_to_layers(m["calls"], kernels, model["layers"])
     src = {k.get("symbol", k["name"]): k.get("source") for k in kernels}
     for row in rows:
-        row["median_ms"] = stats(row["samples_ms"])["median"]
-        row["cold_median_ms"] = stats(row["cold_samples_ms"])["median"] if row.get("cold_samples_ms") else None
-        row["source"] = src.get(row["symbol"])
-    e2e = stats(m["e2e_samples_ms"])["median"]
-    cold = sum(x["cold_median_ms"] for x in rows) if all(x["cold_median_ms"] is not None for x in rows) else None
-    cons = L.consistency(sum(x["median_ms"] for x in rows), cold, e2e, vm_calls=len(rows) + sum(m["other_calls"].values()))
+        row.update(median_ms=stats(row["samples_ms"])["median"], cold_median_ms=stats(row["cold_samples_ms"])["median"],
+                   source=src.get(row["symbol"]))
+    cons = L.consistency(sum(x["median_ms"] for x in rows), sum(x["cold_median_ms"] for x in rows),
+                         stats(m["e2e_samples_ms"])["median"], vm_calls=len(rows) + sum(m["other_calls"].values()))
     res.doc["layers"].append({"variant": v.name, "threads": t, "calls": rows, "e2e_samples_ms": m["e2e_samples_ms"],
                               "other_calls": m["other_calls"], "mapping_problem": problem, "consistency": cons,
                               "method": m["method"]})
@@ -305,7 +280,7 @@ def _layers(cfg, v, t, model, logs, res, say, kernels) -> None:
 
 def _grid(cfg, out, threads, res, say) -> None:
     """MobileNet v1's alpha x rho variants: measured latency against mult-adds (the paper's Figures
-    4-5 with time), few repetitions; each point's libraries are deleted once measured."""
+    4-5 with time), few repetitions; each point's builds are deleted once measured."""
     from ..models.mobilenet_v1 import PAPER_ALPHAS, PAPER_RESOLUTIONS
     from . import variants
 
@@ -313,18 +288,18 @@ def _grid(cfg, out, threads, res, say) -> None:
     t = cfg.grid_threads or max(threads)
     say(f"alpha x rho grid: {len(points)} points x {', '.join(cfg.grid_variants)} at {t} thread(s)")
     for a, r in points:
-        pcfg, d = replace(cfg, alpha=a, resolution=r), out / "grid" / f"{a:g}-{r}"
+        pcfg, d, entries = replace(cfg, alpha=a, resolution=r), out / "grid" / f"{a:g}-{r}", []
         model = prepare_model(pcfg, d / "model")
         vs = variants.resolve(cfg.grid_variants, pcfg.base_build(), cfg.target, cfg.database, cfg.ms_database)
         for v in [v for v in vs if v.ok and v.kind == "tvm"]:
             if v.database:
                 v.build_kwargs["database"] = str(out / "databases" / v.name)
             build_variant(v, d / v.name, out / "logs" / "build-grid.log")
-        entries = _interleave(pcfg, [v for v in vs if v.ok], t, model, out / "logs" / "grid", res, lambda m: None,
-                              cfg.grid_rounds, cfg.grid_reps, 1)
+        _interleave(pcfg, [v for v in vs if v.ok], t, model, out / "logs" / "grid", entries, lambda: None,
+                    lambda m: None, cfg.grid_rounds, cfg.grid_reps, 1)
         madds = sum(l["mult_adds"] for l in model["layers"])
-        for e in entries:
-            res.doc["grid"].append({**e, "alpha": a, "resolution": r, "mult_adds": madds, "accuracy": PAPER_TOP1.get((a, r))})
+        res.doc["grid"] += [{**e, "alpha": a, "resolution": r, "mult_adds": madds, "accuracy": PAPER_TOP1.get((a, r))}
+                            for e in entries]
         res.save()
         shutil.rmtree(d, ignore_errors=True)
         say(f"  {a:g}-{r} ({madds / 1e6:.0f}M mult-adds): " + "  ".join(

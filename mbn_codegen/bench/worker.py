@@ -1,12 +1,10 @@
 """One benchmark subprocess: loads one runtime at one thread count and times it on request.
 
 A process per (variant, threads): TVM reads TVM_NUM_THREADS when its pool starts, OpenMP its
-variables at load, and a runtime's pool must be idle while another variant is timed (measure.py
-fences between blocks and sets the spin settings). JSON lines on stdin/stdout;
-everything a runtime prints goes to stderr (a log file).
-
-First line: spec {"runtime", "threads", ...}; reply {"ok", "check", "load_s"}. Then commands
-{"cmd": "time", "n", "warmup"} | {"cmd": "layers", "rounds"} | {"cmd": "peak", "quick"} | {"cmd": "quit"}.
+variables at load, and the coordinator can tell from a process's CPU time that its pools are idle.
+JSON lines: the first line is the spec, the reply {"ok", "check", "load_s"}; then commands
+{"cmd": "time", "n", "warmup"} | {"cmd": "layers", "rounds"} | {"cmd": "peak", "quick"} until the
+input ends. Whatever a runtime prints goes to stderr (a log file).
 """
 from __future__ import annotations
 
@@ -47,12 +45,10 @@ def _onnxruntime(spec):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
-    o.intra_op_num_threads = spec["threads"]
-    o.inter_op_num_threads = 1
-    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spec.get("spin", True) else "0")
+    o.intra_op_num_threads, o.inter_op_num_threads = spec["threads"], 1
+    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spec["spin"] else "0")
     sess = ort.InferenceSession(spec["onnx"], o, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
+    return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 def _openvino(spec):
@@ -70,9 +66,8 @@ RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino
 
 def _check(out: np.ndarray, ref: np.ndarray) -> dict:
     scale = max(1e-12, float(np.abs(ref).max()))
-    err = float(np.abs(out.astype(np.float64) - ref).max())
     ok = bool(np.allclose(out, ref, rtol=1e-3, atol=1e-3 * scale)) and int(out.argmax()) == int(ref.argmax())
-    return {"max_abs_err": err, "ok": ok, "oracle": "onnxruntime"}
+    return {"max_abs_err": float(np.abs(out.astype(np.float64) - ref).max()), "ok": ok, "oracle": "onnxruntime"}
 
 
 def _time(run, x, n: int, warmup: int) -> list[float]:
@@ -86,53 +81,39 @@ def _time(run, x, n: int, warmup: int) -> list[float]:
     return out
 
 
-def serve(spec: dict, proto) -> None:
-    def reply(obj):
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
-
-    run = prof = None
-    try:
-        t0 = time.perf_counter()
-        check = None
-        if spec.get("mode") == "layers":
-            from .layers import LayerProfiler
-            prof = LayerProfiler(spec["artifact"], np.load(spec["input"]))
-        elif spec["runtime"] != "peak":
-            run, x = RUNTIMES[spec["runtime"]](spec), np.load(spec["input"])
-            check = _check(np.asarray(run(x)), np.load(spec["reference"]))
-        reply({"ok": True, "load_s": time.perf_counter() - t0, "check": check})
-    except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
-        traceback.print_exc()
-        reply({"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
-        return
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        try:
-            if cmd["cmd"] == "quit":
-                return
-            if cmd["cmd"] == "time":
-                reply({"samples_ms": _time(run, x, int(cmd["n"]), int(cmd.get("warmup", 0)))})
-            elif cmd["cmd"] == "layers":
-                reply(prof.measure(int(cmd.get("rounds", 5))))
-            elif cmd["cmd"] == "peak":
-                from .. import targets
-                from .peak import measure_peak
-                reply(measure_peak(targets.load(spec["target"]), spec["threads"], bool(cmd.get("quick"))))
-            else:
-                reply({"error": f"unknown command {cmd['cmd']!r}"})
-        except Exception as e:
-            traceback.print_exc()
-            reply({"error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
+def _do(spec: dict, cmd: dict, run, x):
+    if cmd["cmd"] == "time":
+        return {"samples_ms": _time(run, x, int(cmd["n"]), int(cmd["warmup"]))}
+    if cmd["cmd"] == "layers":
+        from .layers import measure_layers
+        return measure_layers(spec["artifact"], x, int(cmd["rounds"]))
+    from .. import targets
+    from .peak import measure_peak
+    return measure_peak(targets.load(spec["target"]), spec["threads"], bool(cmd["quick"]))
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the coordinator decides when we stop
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                                     # stray prints (TVM's "Scope Loaded") -> log
-    line = sys.stdin.readline()
-    if line:
-        serve(json.loads(line), proto)
+    spec, run, x, reply = json.loads(sys.stdin.readline()), None, None, lambda o: proto.write(json.dumps(o) + "\n")
+    try:
+        t0, check = time.perf_counter(), None
+        if spec["runtime"] != "peak":
+            x = np.load(spec["input"])
+        if spec["runtime"] != "peak" and spec.get("mode") != "layers":
+            run = RUNTIMES[spec["runtime"]](spec)
+            check = _check(np.asarray(run(x)), np.load(spec["reference"]))
+        reply({"ok": True, "load_s": time.perf_counter() - t0, "check": check})
+    except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
+        traceback.print_exc()
+        return reply({"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
+    for line in sys.stdin:
+        try:
+            reply(_do(spec, json.loads(line), run, x))
+        except Exception as e:
+            traceback.print_exc()
+            reply({"error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
 
 
 if __name__ == "__main__":
