@@ -67,3 +67,15 @@ class ForeignDatabaseError(DatabaseError):
 
 class UnknownKernelError(TuningError):
     """`tune --only` names no kernel of the model."""
+
+
+class InputValueError(MbnError):
+    """An argument or input value the model cannot use (a top-k outside 1..classes, NaN pixels)."""
+
+
+class NonFiniteInputError(InputValueError):
+    """NaN or Inf in the input: the compiled max/min activations would turn it into ordinary logits."""
+
+
+class NonFiniteInputWarning(RuntimeWarning):
+    """Non-finite input run with the check off on an artifact that does not propagate NaN."""

@@ -204,6 +204,7 @@ def test_selfcheck(model, can_run):
     r = model.selfcheck()
     assert r["ok"] and r["arch"] == machine_arch() and r["device"] == "cpu"
     assert r["max_abs_err"] <= r["atol"] + r["rtol"] * 10
+    assert 0 <= r["margin"] < 1
 
 
 def test_matches_onnxruntime_on_distinct_inputs(artifact, model, can_run):

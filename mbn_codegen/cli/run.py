@@ -12,8 +12,10 @@ def main(args) -> int:
     from ..runtime import load
 
     model = load(args.artifact)
+    model._check_k(args.k)                    # before the self-check, so a bad -k fails fast
     r = model.selfcheck()
-    print(f"self-check: ok on {r['arch']} ({r['device']}), max |error| vs ONNX Runtime {r['max_abs_err']:.2g}")
+    print(f"self-check: ok on {r['arch']} ({r['device']}), max |error| vs ONNX Runtime {r['max_abs_err']:.2g} "
+          f"({r['margin']:.2g} of the tolerance)")
     if args.images:
         from ..images import load_image, preprocess
         from ..errors import MbnError
