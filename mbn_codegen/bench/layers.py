@@ -1,11 +1,7 @@
-"""Per-kernel timing of a built artifact (TVM >= 0.24 has no VM profiler, TVM_NOTES section 3), and
-the mapping of its kernel calls to the ONNX graph's layers.
-
-One inference with the VM's instrument hook records every kernel call in program order with its
-real arguments; each call is then timed on them with `time_evaluator`, warm (back to back) and
-cold (its weights and output flushed from the caches), in rounds interleaved with the whole model.
-In the graph a kernel takes between the two; `consistency` checks that the end to end is bracketed so.
-"""
+"""Per-kernel timing of a built artifact and the mapping of its kernel calls to the ONNX graph's layers.
+The VM's instrument hook records every kernel call with its real arguments (TVM >= 0.24 has no VM
+profiler); each call is timed on them warm (back to back) and cold (weights and output flushed),
+in rounds interleaved with the whole model: in the graph a kernel takes between the two."""
 from __future__ import annotations
 
 import json

@@ -1,9 +1,6 @@
-"""The coordinator side: worker subprocesses and interleaved timing.
-
-Each round visits every variant once, in a fresh random order, for a block of `reps` timed calls.
-Only one worker computes at a time; between blocks a fence waits until every worker's CPU time
-stops growing, so no pool of the previous variant still spins on the cores the next one needs.
-"""
+"""The coordinator side: worker subprocesses and interleaved timing. Each round visits every variant
+once, in a fresh random order, for a block of `reps` timed calls; before each block a fence waits
+until the workers' CPU time stops growing: no pool of the previous variant spins any more."""
 from __future__ import annotations
 
 import json
@@ -54,27 +51,24 @@ class Worker:
                                      stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
                                      start_new_session=True, bufsize=1)
         self.ps = psutil.Process(self.proc.pid)
-        self._send(spec)
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
 
-    def _send(self, obj: dict) -> None:
+    def request(self, obj: dict | None = None) -> dict:
+        """Send obj (None: just read the ready reply) and return the reply; WorkerError if the worker
+        is gone or the command failed."""
         try:
-            self.proc.stdin.write(json.dumps(obj) + "\n")
-            self.proc.stdin.flush()
-        except OSError as e:
-            raise WorkerError(f"{self.name}: worker is gone ({e}); see {self._log.name}") from None
-
-    def recv(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise WorkerError(f"{self.name}: worker exited (code {self.proc.wait()}); see {self._log.name}")
-        r = json.loads(line)
+            if obj is not None:
+                self.proc.stdin.write(json.dumps(obj) + "\n")
+                self.proc.stdin.flush()
+            r = json.loads(self.proc.stdout.readline() or "null")
+        except OSError:
+            r = None
+        if r is None:
+            raise WorkerError(f"{self.name}: worker exited (code {self.proc.poll()}); see {self._log.name}")
         if "error" in r and "ok" not in r:
             raise WorkerError(f"{self.name}: {r['error']}")
         return r
-
-    def request(self, obj: dict) -> dict:
-        self._send(obj)
-        return self.recv()
 
     def cpu_s(self) -> float:
         try:
@@ -98,7 +92,7 @@ def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker |
     out = []
     for s, w in [(s, Worker(s, log_dir / f"{s['variant']}-{s['threads']}t.log")) for s in specs]:
         try:
-            r = w.recv()
+            r = w.request()
         except WorkerError as e:
             r = {"ok": False, "error": str(e)}
         if not r["ok"]:

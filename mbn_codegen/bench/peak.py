@@ -16,9 +16,7 @@ def lanes_for(spec) -> int:
 
 
 def _kernels(lanes: int, threads: int, n_triad: int):
-    from tvm.script import tirx as T
-
-    from .._tvm import tvm  # noqa: F401  (version check before tvm.script)
+    from tvm.script import tirx as T        # after mbn_codegen._tvm's version check (measure_peak)
 
     acc = ACCUMULATORS
 

@@ -28,21 +28,20 @@ def e2e_plot(doc: dict, path: Path) -> Path | None:
     entries = [e for e in doc["e2e"] if e["stats"]["n"]]
     if not entries:
         return None
-    names = list(dict.fromkeys(e["variant"] for e in entries))
-    threads = sorted({e["threads"] for e in entries})
+    names, threads = list(dict.fromkeys(e["variant"] for e in entries)), sorted({e["threads"] for e in entries})
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) * len(threads) + 1.5))
     h = 0.8 / len(threads)
-    for j, t in enumerate(threads):
-        for i, n in enumerate(names):
-            for e in (e for e in entries if e["variant"] == n and e["threads"] == t):
-                s, y = e["stats"], i + (j - (len(threads) - 1) / 2) * h
-                ax.barh(y, s["median"], height=h * 0.9, color=f"C{j}", xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]],
-                        capsize=3, label=f"{t} thread(s)" if i == names.index(e["variant"]) == 0 else None)
-                ax.text(s["p90"] * 1.05, y, f"{s['median']:.3g} ms", va="center", fontsize=8)
+    for e in entries:
+        s, j = e["stats"], threads.index(e["threads"])
+        y = names.index(e["variant"]) + (j - (len(threads) - 1) / 2) * h
+        ax.barh(y, s["median"], height=h * 0.9, color=f"C{j}", xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]],
+                capsize=3, label=f"{e['threads']} thread(s)")
+        ax.text(s["p90"] * 1.05, y, f"{s['median']:.3g} ms", va="center", fontsize=8)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("latency per image, ms (median, bars p10-p90)")
-    ax.legend(fontsize=8)
+    handles = {l: h_ for h_, l in zip(*ax.get_legend_handles_labels())}     # one entry per thread count
+    ax.legend(handles.values(), handles.keys(), fontsize=8)
     return _save(fig, ax, path, "End to end, batch 1 fp32", "x")
 
 

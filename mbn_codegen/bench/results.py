@@ -31,14 +31,10 @@ def stats(samples: list[float], seed: int = 0, boot: int = 1000) -> dict:
             "ci95": [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))]}
 
 
-class Results:
-    def __init__(self, path: str | os.PathLike, doc: dict):
-        self.path, self.doc = Path(path), doc
-
-    def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, self.path)
+def save(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
 
 
 def load(path_or_dir: str | os.PathLike) -> dict:
@@ -65,12 +61,7 @@ def provenance(spec) -> dict:
                              capture_output=True, text=True, timeout=10).stdout.strip() or None
     except OSError:
         git = None
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
+    versions = {p: metadata.version(p) if list(metadata.distributions(name=p)) else None for p in PACKAGES}
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
             "machine": {"cpu_model": c.get("model name") or platform.processor() or "unknown",
                         "arch": platform.machine(), "usable_cores": len(psutil.Process().cpu_affinity()),

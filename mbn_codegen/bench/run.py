@@ -109,7 +109,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from ..errors import MbnError
     from ..runtime import machine_arch
     from . import variants
-    from .results import FORMAT, RESULTS, Results, provenance
+    from .results import FORMAT, RESULTS, provenance, save as _save
 
     spec = targets.load(cfg.target)
     if spec.arch != machine_arch() or spec.device != "cpu":
@@ -129,51 +129,52 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             v.label += f" ({variants.database_records(str(snap))} trials)"
     name = Path(cfg.onnx).name if cfg.onnx else f"{cfg.model} alpha={cfg.alpha:g} res={cfg.resolution}"
     weights = "from the ONNX file" if cfg.onnx else cfg.weights or f"random (live, seed={cfg.seed})"
-    res = Results(out / RESULTS, {
+    doc = {
         "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": threads, "out": str(out)},
         "provenance": provenance(spec), "model": {"name": name, "onnx": cfg.onnx, "weights": weights},
-        "peak": [], "variants": [dict(v.to_dict(), checks=[]) for v in vs], "e2e": [], "layers": [],
-        "grid": [], "isolation": {}, "log": []})
+        "peak": [], "variants": [dict(asdict(v), checks=[]) for v in vs], "e2e": [], "layers": [],
+        "grid": [], "isolation": {}, "log": []}
+    save = lambda: _save(out / RESULTS, doc)  # noqa: E731
     t_start = time.perf_counter()
 
     def say(msg: str) -> None:
         log(msg)
-        res.doc["log"].append({"t": round(time.perf_counter() - t_start, 2), "message": msg})
+        doc["log"].append({"t": round(time.perf_counter() - t_start, 2), "message": msg})
 
     def term(_sig, _frm):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, term)
     try:
-        _run(cfg, out, threads, vs, res, say)
-        res.doc["status"] = "complete"
+        _run(cfg, out, threads, vs, doc, save, say)
+        doc["status"] = "complete"
     except BaseException as e:
-        res.doc["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        say(f"{res.doc['status']}: {type(e).__name__}: {e}; keeping what was measured")
+        doc["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        say(f"{doc['status']}: {type(e).__name__}: {e}; keeping what was measured")
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
-        res.doc["provenance"]["load_average_end"] = [round(x, 2) for x in psutil.getloadavg()]
-        res.doc["provenance"]["seconds"] = round(time.perf_counter() - t_start, 1)
+        doc["provenance"]["load_average_end"] = [round(x, 2) for x in psutil.getloadavg()]
+        doc["provenance"]["seconds"] = round(time.perf_counter() - t_start, 1)
         from .report import closing_line, summarize, write_report
-        res.doc["summary"] = summarize(res.doc)
-        res.save()                      # the raw samples first: a report error must not lose them
-        write_report(out, res.doc)
-        res.save()
-        log(f"report: {out}/report.html ({res.doc['status']})")
-        log(closing_line(res.doc))
+        doc["summary"] = summarize(doc)
+        save()                      # the raw samples first: a report error must not lose them
+        write_report(out, doc)
+        save()
+        log(f"report: {out}/report.html ({doc['status']})")
+        log(closing_line(doc))
     return out
 
 
-def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, res, say) -> None:
+def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, say) -> None:
     from .measure import spin_settings
 
-    logs, vrec = out / "logs", {r["name"]: r for r in res.doc["variants"]}
-    say(f"bench {res.doc['model']['name']} on {cfg.target}, threads {threads}, variants "
+    logs, vrec = out / "logs", {r["name"]: r for r in doc["variants"]}
+    say(f"bench {doc['model']['name']} on {cfg.target}, threads {threads}, variants "
         f"{', '.join(v.name for v in vs if v.ok)}" + "".join(f"\n  {v.name}: {v.note}" for v in vs if not v.ok))
     model = prepare_model(cfg, out / "model")
-    res.doc["model"].update(input_shape=model["input_shape"], layers=model["layers"],
+    doc["model"].update(input_shape=model["input_shape"], layers=model["layers"],
                             mult_adds=sum(l["mult_adds"] for l in model["layers"]))
-    res.doc["isolation"] = {"spin_settings": spin_settings(cfg.spin), "order": "random per round", "fence": {}}
+    doc["isolation"] = {"spin_settings": spin_settings(cfg.spin), "order": "random per round", "fence": {}}
     for v in [v for v in vs if v.ok and v.kind == "tvm"]:
         try:
             say(f"build {v.name} ..." if not v.artifact else f"{v.name}: {v.artifact}")
@@ -184,22 +185,22 @@ def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, res, say) -> None:
             v.status, v.note = "failed", f"build failed: {type(e).__name__}: {str(e)[:300]}"
             vrec[v.name].update(status=v.status, note=v.note)
             say(f"  {v.note}")
-        res.save()
+        save()
     for t in threads if cfg.peak else []:
         p = _ask({"variant": "peak", "runtime": "peak", "threads": t, "target": cfg.target},
                  {"cmd": "peak", "quick": cfg.quick_peak}, logs)
-        res.doc["peak"].append(p)
-        res.save()
+        doc["peak"].append(p)
+        save()
         say(f"peak at {t} thread(s): FMA loop {p['fma_gflops']:.1f} GFLOP/s (hot loop "
             f"{'registers only' if p['asm_check']['ok'] else 'NOT register-resident'}), triad {p['triad_gbs']:.1f} GB/s")
     for t in threads:
-        res.doc["isolation"]["fence"][str(t)] = _interleave(cfg, [v for v in vs if v.ok], t, model, logs, res.doc["e2e"],
-                                                            res.save, say, cfg.rounds, cfg.reps, cfg.warmup, vrec)
+        doc["isolation"]["fence"][str(t)] = _interleave(cfg, [v for v in vs if v.ok], t, model, logs, doc["e2e"],
+                                                            save, say, cfg.rounds, cfg.reps, cfg.warmup, vrec)
     for v in [v for v in vs if v.ok and v.kind == "tvm"] if cfg.layers else []:
         for t in threads:
-            _layers(cfg, v, t, model, logs, res, say, vrec[v.name]["build_facts"]["kernels"])
+            _layers(cfg, v, t, model, logs, doc, save, say, vrec[v.name]["build_facts"]["kernels"])
     if cfg.grid:
-        _grid(cfg, out, threads, res, say)
+        _grid(cfg, out, threads, doc, save, say)
 
 
 def _ask(spec: dict, cmd: dict, logs: Path) -> dict:
@@ -252,7 +253,7 @@ def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, wa
             w.close()
 
 
-def _layers(cfg, v, t, model, logs, res, say, kernels) -> None:
+def _layers(cfg, v, t, model, logs, doc, save, say, kernels) -> None:
     from . import layers as L
     from .measure import WorkerError
     from .results import stats
@@ -269,16 +270,16 @@ def _layers(cfg, v, t, model, logs, res, say, kernels) -> None:
                    source=src.get(row["symbol"]))
     cons = L.consistency(sum(x["median_ms"] for x in rows), sum(x["cold_median_ms"] for x in rows),
                          stats(m["e2e_samples_ms"])["median"], vm_calls=len(rows) + sum(m["other_calls"].values()))
-    res.doc["layers"].append({"variant": v.name, "threads": t, "calls": rows, "e2e_samples_ms": m["e2e_samples_ms"],
+    doc["layers"].append({"variant": v.name, "threads": t, "calls": rows, "e2e_samples_ms": m["e2e_samples_ms"],
                               "other_calls": m["other_calls"], "mapping_problem": problem, "consistency": cons,
                               "method": m["method"]})
-    res.save()
+    save()
     say(f"  {len(rows)} kernel calls: warm sum {cons['kernel_sum_ms']:.2f} ms, end to end {cons['e2e_ms']:.2f} ms, "
         f"overhead {cons['unattributed_ms']:.2f} ms: {'consistent' if cons['ok'] else 'NOT bracketed'}"
         + (f"; {problem}" if problem else ""))
 
 
-def _grid(cfg, out, threads, res, say) -> None:
+def _grid(cfg, out, threads, doc, save, say) -> None:
     """MobileNet v1's alpha x rho variants: measured latency against mult-adds (the paper's Figures
     4-5 with time), few repetitions; each point's builds are deleted once measured."""
     from ..models.mobilenet_v1 import PAPER_ALPHAS, PAPER_RESOLUTIONS
@@ -298,9 +299,9 @@ def _grid(cfg, out, threads, res, say) -> None:
         _interleave(pcfg, [v for v in vs if v.ok], t, model, out / "logs" / "grid", entries, lambda: None,
                     lambda m: None, cfg.grid_rounds, cfg.grid_reps, 1)
         madds = sum(l["mult_adds"] for l in model["layers"])
-        res.doc["grid"] += [{**e, "alpha": a, "resolution": r, "mult_adds": madds, "accuracy": PAPER_TOP1.get((a, r))}
+        doc["grid"] += [{**e, "alpha": a, "resolution": r, "mult_adds": madds, "accuracy": PAPER_TOP1.get((a, r))}
                             for e in entries]
-        res.save()
+        save()
         shutil.rmtree(d, ignore_errors=True)
         say(f"  {a:g}-{r} ({madds / 1e6:.0f}M mult-adds): " + "  ".join(
             f"{e['variant']} {e['stats']['median']:.2f} ms" for e in entries if e["stats"]["n"]))

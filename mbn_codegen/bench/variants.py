@@ -4,7 +4,7 @@ in the report with the reason."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 TVM_VARIANTS = ("stock", "metaschedule", "ours", "ours-tuned")
@@ -36,11 +36,6 @@ class Variant:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "label": self.label, "status": self.status,
-                "note": self.note, "build": self.build_kwargs or None, "database": self.database,
-                "artifact": self.artifact, "runtime": self.runtime}
 
 
 def database_records(path: str) -> int:
