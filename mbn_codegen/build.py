@@ -5,12 +5,16 @@ a reference input/output pair from ONNX Runtime, and the class labels.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +23,20 @@ from typing import Callable
 import numpy as np
 
 from . import __version__, targets
-from .errors import MbnError, ModelConfigError
+from .errors import MbnError, ModelConfigError, NonFiniteModelError, OutputDirError
 from .export import INPUT_NAME, export_onnx, fix_input_shape, graph_inputs, load_onnx, onnxruntime_run
 from .runtime import MANIFEST, sha256
 
 LIB_FILE = "lib.so"
+GENERATOR = "mbn-codegen"            # manifest.json's marker: a folder we may replace
+DEFAULT_RESOLUTION = 224
 
 
 @dataclass
 class BuildConfig:
     model: str = "mobilenet_v1"
     alpha: float = 1.0
-    resolution: int = 224
+    resolution: int | None = None     # zoo models: None = 224; --onnx: fixes dynamic H, W
     num_classes: int = 1000
     weights: str | None = None        # state_dict path, "pretrained" (v2), or None: live random
     onnx: str | None = None           # a user's ONNX file instead of a zoo model
@@ -42,12 +48,17 @@ class BuildConfig:
     schedules: str = "ours"           # "ours" (our rules, NHWC) or "stock" (TVM's defaults, NCHW)
     layout: str | None = None
     seed: int = 0
+    propagate_nan: bool = False       # Relu/Clip pass NaN through, as ONNX Runtime does
+
+    @property
+    def zoo_resolution(self) -> int:
+        return DEFAULT_RESOLUTION if self.resolution is None else self.resolution
 
     def default_out(self) -> Path:
         if self.onnx:
             stem = Path(self.onnx).stem
         else:
-            stem = f"{self.model}-{self.alpha:g}-{self.resolution}"
+            stem = f"{self.model}-{self.alpha:g}-{self.zoo_resolution}"
         return Path("artifacts") / f"{stem}-{Path(self.target).stem}"
 
 
@@ -64,34 +75,203 @@ def _zoo_onnx(cfg: BuildConfig, path: Path) -> dict:
     from .models import create
     from .models.calibrate import make_live
 
-    model = create(cfg.model, cfg.alpha, cfg.resolution, cfg.num_classes, cfg.weights)
+    res = cfg.zoo_resolution
+    model = create(cfg.model, cfg.alpha, res, cfg.num_classes, cfg.weights)
     if cfg.weights is None:
         make_live(model, seed=cfg.seed)
-    export_onnx(model, path, cfg.resolution)
-    return {"name": cfg.model, "alpha": cfg.alpha, "resolution": cfg.resolution,
+    _check_finite_state_dict(model, cfg.weights)
+    export_onnx(model, path, res)
+    return {"name": cfg.model, "alpha": cfg.alpha, "resolution": res,
             "num_classes": cfg.num_classes,
             "weights": cfg.weights or f"random (live, seed={cfg.seed}): not trained, for testing only"}
+
+
+def _nonfinite_summary(named) -> tuple[int, list[str]]:
+    bad = []
+    total = 0
+    for name, a in named:
+        total += 1
+        a = np.asarray(a)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            what = " and ".join(w for w in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if w)
+            bad.append(f"{name} ({what} of {a.size})")
+    return total, bad
+
+
+def _check_finite_state_dict(model, weights: str | None) -> None:
+    sd = model.state_dict()
+    total, bad = _nonfinite_summary((k, v.detach().cpu().numpy()) for k, v in sd.items()
+                                    if v.is_floating_point())
+    neg_var = [k for k, v in sd.items() if k.endswith("running_var") and bool((v < 0).any())]
+    if bad or neg_var:
+        what = (f"{len(bad)} of {total} tensors hold NaN/Inf: {', '.join(bad[:5])}"
+                + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")) if bad else \
+            f"BatchNorm running_var < 0 in {', '.join(neg_var[:5])} (its sqrt is NaN)"
+        raise NonFiniteModelError(
+            f"weights {weights or '(random)'}: {what}. The compiled model would output NaN for "
+            "every image and fail its self-check on the board: use a checkpoint from before "
+            "training diverged, or re-save the weights")
+
+
+def _check_finite_onnx(onnx_model, source: str) -> None:
+    from onnx import numpy_helper
+
+    named = [(t.name, numpy_helper.to_array(t)) for t in onnx_model.graph.initializer]
+    for node in onnx_model.graph.node:
+        if node.op_type == "Constant":
+            for att in node.attribute:
+                if att.HasField("t"):
+                    named.append((node.output[0], numpy_helper.to_array(att.t)))
+    total, bad = _nonfinite_summary(named)
+    if bad:
+        raise NonFiniteModelError(
+            f"{source}: {len(bad)} of {total} weight tensors hold NaN/Inf: {', '.join(bad[:5])}"
+            + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "") + ". The compiled model would "
+            "output NaN for every image: re-export it from finite weights")
+
+
+def _check_finite_output(y: np.ndarray, source: str) -> None:
+    if not np.isfinite(y).all():
+        raise NonFiniteModelError(
+            f"{source}: ONNX Runtime's output for the reference input holds "
+            f"{int(np.isnan(y).sum())} NaN and {int(np.isinf(y).sum())} Inf of {y.size} values, although "
+            "the weights are finite: the model overflows float32 (weights or BatchNorm statistics "
+            "far too large, or a variance of 0 with eps=0). Check how the weights were produced")
+
+
+def _protected_paths(cfg: BuildConfig) -> list[tuple[str, Path]]:
+    """What a build reads or writes outside its --out folder, which the swap must not delete."""
+    named = [("the input ONNX file", cfg.onnx), ("the weights file", cfg.weights),
+             ("the tuning database", cfg.database), ("the --dump-ir folder", cfg.dump_ir)]
+    return [(what, Path(p).resolve()) for what, p in named if p and p != "pretrained"]
+
+
+def _is_our_artifact(d: Path) -> bool:
+    try:
+        m = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(m, dict) or "format" not in m:
+        return False
+    return m.get("generator") == GENERATOR or {"library", "target"} <= m.keys()   # or pre-marker
+
+
+def check_out_dir(out: Path, cfg: BuildConfig) -> None:
+    """--out gets replaced as a whole, so it must be new, empty, or an artifact of ours, and must
+    not hold the working directory or any of the build's inputs."""
+    real = out.resolve()
+    suggest = cfg.default_out()
+
+    def refuse(why: str):
+        raise OutputDirError(f"--out {out} {why}. Pick a new folder for the artifact, e.g. "
+                             f"--out {suggest}")
+
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        refuse("is the current directory or one of its parents; the build replaces the whole "
+               "--out folder, so it never uses one that holds the directory you work in")
+    for what, p in _protected_paths(cfg):
+        if p == real or real in p.parents:
+            refuse(f"holds {what} ({p}); replacing the folder would delete it")
+    if not os.path.lexists(out):
+        return
+    if not real.is_dir():
+        refuse("exists and is not a folder")
+    entries = sorted(e.name for e in real.iterdir())
+    if entries and not _is_our_artifact(real):
+        shown = ", ".join(entries[:4]) + (f" (+{len(entries) - 4} more)" if len(entries) > 4 else "")
+        refuse(f"already holds files that are not an mbn-codegen artifact ({shown}); the build "
+               "replaces the whole folder, so it writes only into a new or empty folder or over an "
+               "earlier artifact")
+
+
+class _Interrupts:
+    """SIGINT during a build: raise KeyboardInterrupt at once (and remember it, since TVM may
+    wrap it into its own error or a library may swallow it), or only remember it while the
+    finished artifact is being swapped in."""
+
+    def __init__(self):
+        self.hit = False
+        self.defer = False
+
+    def __call__(self, _signum, _frame):
+        self.hit = True
+        if not self.defer:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts():
+    g = _Interrupts()
+    installable = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)
+    prev = signal.signal(signal.SIGINT, g) if installable else None
+    try:
+        yield g
+    finally:
+        if installable:
+            signal.signal(signal.SIGINT, prev)
+
+
+def _swap_in(tmp: Path, out: Path, interrupts: _Interrupts) -> None:
+    """Rename the old artifact aside, the new one in, then delete the old: at every moment `out`
+    is either the old artifact or the new one. An interrupt before the old one is deleted puts
+    it back."""
+    holder = old = None
+    interrupts.defer = True
+    try:
+        interrupts.check()
+        if os.path.lexists(out):
+            holder = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".old", dir=out.parent))
+            old = holder / "artifact"
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+            interrupts.check()
+        except BaseException:
+            if os.path.lexists(out) and not os.path.lexists(tmp):
+                os.rename(out, tmp)
+            if old is not None:
+                os.rename(old, out)
+            raise
+    finally:
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
 
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Path:
     spec = targets.load(cfg.target)
     cc = spec.compiler()                 # fails early, naming the apt package, if it is missing
+    spec.tvm_target()                    # a TargetFileError now rather than after the export
     if cfg.onnx:
-        load_onnx(cfg.onnx)              # errors name the user's file, before anything is written
+        # errors name the user's file, before anything is written
+        fix_input_shape(load_onnx(cfg.onnx), resolution=cfg.resolution, source=cfg.onnx)
     else:
         from .models.mobilenet_v1 import validate
-        validate(cfg.alpha, cfg.resolution, cfg.num_classes)
+        validate(cfg.alpha, cfg.zoo_resolution, cfg.num_classes)
     out = Path(cfg.out) if cfg.out else cfg.default_out()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        return _build(cfg, spec, cc, out, tmp, log)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)      # an interrupted or failed build leaves nothing
+    check_out_dir(out, cfg)
+    target_dir = Path(os.path.abspath(out))
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _interrupts() as interrupts:
+        tmp = Path(tempfile.mkdtemp(prefix=target_dir.name + ".", suffix=".partial", dir=target_dir.parent))
+        try:
+            return _build(cfg, spec, cc, out, target_dir, tmp, log, interrupts)
+        except BaseException as e:
+            if interrupts.hit and not isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt from None       # TVM wrapped it, or a failure it caused
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)      # an interrupted or failed build leaves nothing
 
 
-def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
+def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, log,
+           interrupts: _Interrupts) -> Path:
     from ._tvm import TVM_FFI_VERSION, TVM_VERSION
     from .lower import LowerContext, build_module, lower
 
@@ -102,15 +282,22 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         shutil.copyfile(cfg.onnx, onnx_path)
         onnx_model = load_onnx(onnx_path)
         model_info = {"name": "onnx:" + Path(cfg.onnx).name, "source_onnx": str(cfg.onnx)}
+        _check_finite_onnx(onnx_model, cfg.onnx)
+        input_name, shape = fix_input_shape(onnx_model, resolution=cfg.resolution, source=cfg.onnx)
+        if graph_inputs(onnx_model)[0][1][2:] != list(shape[2:]):
+            log(f"input {input_name!r} has dynamic height/width: building for {shape[2]}x{shape[3]}")
+            model_info["resolution"] = shape[2]
     else:
-        log(f"export {cfg.model} alpha={cfg.alpha:g} resolution={cfg.resolution} -> ONNX")
+        log(f"export {cfg.model} alpha={cfg.alpha:g} resolution={cfg.zoo_resolution} -> ONNX")
         model_info = _zoo_onnx(cfg, onnx_path)
         onnx_model = load_onnx(onnx_path)
-    input_name, shape = fix_input_shape(onnx_model)
+        _check_finite_onnx(onnx_model, f"the exported {cfg.model}")
+        input_name, shape = fix_input_shape(onnx_model)
     model_info["onnx_sha256"] = sha256(onnx_path)
 
     x = _reference_input(cfg, shape)
     y = onnxruntime_run(onnx_path, x)
+    _check_finite_output(y, cfg.onnx or f"{cfg.model} with weights {cfg.weights or '(random)'}")
     np.save(tmp / "reference_input.npy", x)
     np.save(tmp / "reference_output.npy", y)
 
@@ -121,7 +308,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         database = open_database(db_path.path, log, writable=False)
     target = spec.tvm_target()
     ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
-                       layout=cfg.layout, database=database)
+                       layout=cfg.layout, database=database, propagate_nan=cfg.propagate_nan)
     log(f"lower for {spec.name} ({spec.description})")
     mod = lower(onnx_model, ctx, dump_ir=cfg.dump_ir, log=log)
     log("compile")
@@ -150,6 +337,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
     rtol, atol = 1e-3, 1e-3 * max(1.0, float(np.abs(y).max()))
     manifest = {
         "format": 1,
+        "generator": GENERATOR,
         "model": model_info,
         "input": {"name": input_name, "shape": list(shape), "dtype": "float32", "layout": "NCHW"},
         "output": {"shape": list(y.shape), "dtype": str(y.dtype)},
@@ -164,6 +352,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
         "labels_file": labels_file,
         "schedules": cfg.schedules,
         "layout": ctx.layout,
+        "nan_semantics": "propagate" if cfg.propagate_nan else "ieee-maxnum",
         "tuning_database": _db_info(db_path),
         "kernels": ctx.notes.get("kernels", []),
         "phase_seconds": {**ctx.notes.get("phase_seconds", {}), "compile": compile_s},
@@ -174,9 +363,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, tmp: Path, log) -> Path:
                   "seconds": round(time.perf_counter() - t_start, 2)},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)          # an interrupted build never leaves a half-written artifact
+    _swap_in(tmp, target_dir, interrupts)
     n = len(manifest["kernels"])
     by_source: dict[str, int] = {}
     for k in manifest["kernels"]:

@@ -79,3 +79,23 @@ class NonFiniteInputError(InputValueError):
 
 class NonFiniteInputWarning(RuntimeWarning):
     """Non-finite input run with the check off on an artifact that does not propagate NaN."""
+
+
+class OutputDirError(MbnError):
+    """An --out folder that is not ours to replace (user files, the input, the working directory)."""
+
+
+class WeightsFileError(ModelConfigError):
+    """A weights file that is not a state_dict of the chosen model."""
+
+
+class TargetFileError(UnknownTargetError):
+    """A target TOML file with a missing, mistyped or unsupported field."""
+
+
+class NonFiniteModelError(MbnError):
+    """Weights or reference output with NaN/Inf: every board would fail its self-check."""
+
+
+class LoweringError(MbnError):
+    """A failure inside TVM after the ONNX import, with the phase that failed."""

@@ -81,14 +81,31 @@ def graph_inputs(model) -> list[tuple[str, list, str]]:
     return out
 
 
-def fix_input_shape(model, batch: int = 1) -> tuple[str, tuple[int, ...]]:
-    """The single input's name and a concrete shape (symbolic batch -> `batch`)."""
+def fix_input_shape(model, batch: int = 1, resolution: int | None = None,
+                    source: str | os.PathLike | None = None) -> tuple[str, tuple[int, ...]]:
+    """The single input's name and a concrete shape: a symbolic batch becomes `batch`, symbolic
+    H and W become `resolution`. A fixed H/W that disagrees with `resolution` is an error (the
+    weights of some layers, and the reference pair, depend on it)."""
     name, shape, _ = graph_inputs(model)[0]
+    where = f"{source}: " if source else ""
     if shape[0] is None:
         shape[0] = batch
+    dynamic = [i for i in (2, 3) if shape[i] is None]
+    if dynamic and resolution is None:
+        raise OnnxModelError(f"{where}input {name!r} has dynamic height/width {shape}; pass "
+                             "--resolution N (e.g. 224) to build for N x N, or export with a fixed size")
+    if resolution is not None:
+        fixed = [shape[i] for i in (2, 3) if shape[i] is not None]
+        if any(d != resolution for d in fixed):
+            raise OnnxModelError(
+                f"{where}input {name!r} has the fixed shape {shape}, which --resolution {resolution} "
+                "cannot change: leave --resolution out, or re-export with dynamic height/width "
+                "(torch.onnx.export(..., dynamic_axes={'input': {2: 'H', 3: 'W'}}))")
+        for i in dynamic:
+            shape[i] = resolution
     if any(d is None for d in shape[1:]):
-        raise OnnxModelError(f"input {name!r} has symbolic spatial dims {shape}; export with a fixed "
-                             "resolution (MobileNet needs one) or pass --resolution")
+        raise OnnxModelError(f"{where}input {name!r} has symbolic dims {shape}; export with a fixed "
+                             "NCHW input shape")
     return name, tuple(int(d) for d in shape)
 
 

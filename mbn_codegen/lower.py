@@ -6,6 +6,7 @@ DIR/NN-<phase>.py, so a user can see exactly what each step did.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from ._tvm import Constant, IRModule, Target, from_onnx, onnx_frontend, relax, tvm
-from .errors import OnnxModelError
+from ._tvm import Constant, IRModule, Schedule, Target, from_onnx, onnx_frontend, relax, tirx, tvm
+from .errors import LoweringError, MbnError, OnnxModelError
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LowerContext:
     layout: str | None = None          # None: NHWC with our schedules, NCHW for stock
     database: object | None = None     # a MetaSchedule database; its records win where present
     prepack_weights: bool | None = None  # None: on CPU with our schedules or a database
+    propagate_nan: bool = False        # Relu/Clip as ONNX defines them (NaN in, NaN out)
     notes: dict = field(default_factory=dict)   # phases report what they did here
 
     @property
@@ -59,6 +61,8 @@ def import_onnx(onnx_model, ctx: LowerContext) -> IRModule:
         with _clip_as_min_max():
             return from_onnx(onnx_model, shape_dict={ctx.input_name: list(ctx.input_shape)})
     except Exception as e:
+        if "KeyboardInterrupt" in str(e):
+            raise KeyboardInterrupt from None
         raise OnnxModelError(f"TVM's ONNX frontend cannot import this model: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[-1][:300]}") from None
 
@@ -125,8 +129,58 @@ def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:
     next phase's job, so tuned records and our rules get the unscheduled kernels first."""
     passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    if ctx.propagate_nan:
+        mod = _guard_nan(mod)
     with ctx.target:
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(passes)(mod)
+    return _merge_nan_guards(mod) if ctx.propagate_nan else mod
+
+
+def _guard_nan(mod: IRModule) -> IRModule:
+    """Compiled max/min return the non-NaN operand (IEEE maxNum), so ReLU/ReLU6 turn a NaN into 0
+    or 6, while ONNX (and ONNX Runtime) pass NaN through. relu(x) and min(max(x, lo), hi) become
+    where(isnan(x), x, ...). Done after the layout phase: ConvertLayout has no rule for where and
+    would wrap it in transposes."""
+    from ._tvm import dpl
+
+    x, lo, hi = dpl.wildcard(), dpl.is_const(), dpl.is_const()
+    relu = dpl.is_op("relax.nn.relu")(x)
+    clip = dpl.is_op("relax.minimum")(dpl.is_op("relax.maximum")(x, lo), hi)
+
+    # the guarded forms (maximum(x, 0), maximum(minimum(x, hi), lo)) do not match again
+    def _relu(_expr, m):
+        v = m[x]
+        zero = relax.const(0, v.ty.dtype)
+        return relax.op.where(relax.op.isnan(v), v, relax.op.maximum(v, zero))
+
+    def _clip(_expr, m):
+        v = m[x]
+        return relax.op.where(relax.op.isnan(v), v, relax.op.maximum(relax.op.minimum(v, m[hi]), m[lo]))
+
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = dpl.rewrite_call(clip, _clip, dpl.rewrite_call(relu, _relu, func))
+    return out
+
+
+def _merge_nan_guards(mod: IRModule) -> IRModule:
+    """where(isnan(t), t, relu(t)) reads the conv output t three times, so the fused kernel has
+    a branching epilogue that our schedules (which follow one chain of consumers) cannot fold into
+    the conv's loop nest. Inlining every elementwise block into the output block leaves
+    conv -> one epilogue block."""
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tirx.PrimFunc) or "isnan" not in gv.name_hint:
+            continue
+        sch = Schedule(f)
+        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
+        for b in sch.get_child_blocks(sch.get_sblock("root")):
+            name = sch.get(b).name_hint
+            if name.startswith("T_") and name not in outputs:
+                sch.compute_inline(b)
+        out[gv] = sch.mod["main"]
+    return out
 
 
 def _schedule(mod: IRModule, ctx: LowerContext) -> IRModule:
@@ -163,7 +217,7 @@ def lower(onnx_model, ctx: LowerContext, dump_ir: str | Path | None = None,
     _dump(0, "import", mod)
     for i, (name, fn) in enumerate(PHASES, start=1):
         t0 = time.perf_counter()
-        mod = fn(mod, ctx)
+        mod = run_phase(name, fn, mod, ctx)
         ctx.notes["phase_seconds"][name] = time.perf_counter() - t0
         if log:
             log(f"  phase {name:<15} {ctx.notes['phase_seconds'][name]:6.2f} s")
@@ -171,8 +225,49 @@ def lower(onnx_model, ctx: LowerContext, dump_ir: str | Path | None = None,
     return mod
 
 
+_OP = re.compile(r"\b(?:R|relax)\.((?:nn\.|image\.)?[a-z_][a-z0-9_]*)\(")
+
+
+def phase_error(phase: str, e: BaseException) -> BaseException:
+    """A failure inside TVM as a LoweringError naming the phase (and the operator, when TVM's
+    message shows one); a KeyboardInterrupt that TVM wrapped into its own error stays one."""
+    if isinstance(e, MbnError):
+        return e
+    text = str(e)
+    if "KeyboardInterrupt" in text:
+        return KeyboardInterrupt()
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # TVM's messages end with the error after a C++ traceback; Python's start with it
+    msg = (lines[-1] if "Traceback" in text else " ".join(lines)) if lines else "(no message)"
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    ops = [m for m in _OP.findall(text)
+           if m not in ("call_tir", "const", "dataflow", "function", "output", "shape", "prim_value", "tuple")]
+    op = f" at operator {ops[0]!r}" if ops else ""
+    return LoweringError(
+        f"lowering phase {phase!r} failed{op}: {type(e).__name__}: {msg}. The model uses a "
+        "construct this pipeline does not handle there: run `mbn-codegen build --dump-ir DIR` to "
+        f"see the IR that entered {phase!r}, and simplify the export (e.g. torch.onnx.export with "
+        "do_constant_folding=True and fixed input shapes) or report it with the ONNX file")
+
+
+def run_phase(name: str, fn: Callable[[IRModule, LowerContext], IRModule], mod: IRModule,
+              ctx: LowerContext) -> IRModule:
+    try:
+        return fn(mod, ctx)
+    except Exception as e:
+        raise phase_error(name, e) from None
+
+
 def build_module(mod: IRModule, ctx: LowerContext):
     """The VM executable: dataflow lowering and finalisation of the already-fused module."""
+    try:
+        return _build_module(mod, ctx)
+    except Exception as e:
+        raise phase_error("compile", e) from None
+
+
+def _build_module(mod: IRModule, ctx: LowerContext):
     passes = ctx.backend.dataflow_lower_passes(ctx.target) + ctx.backend.finalize_passes(ctx.target)
 
     @tvm.transform.module_pass(opt_level=0)

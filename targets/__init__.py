@@ -12,12 +12,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mbn_codegen.errors import CrossCompilerMissingError, UnknownTargetError
+from mbn_codegen.errors import CrossCompilerMissingError, TargetFileError, UnknownTargetError
 
 HERE = Path(__file__).parent
 ARCHES = ("x86_64", "aarch64")
 DEVICES = ("cpu", "cuda")
 RUNS = ("native", "qemu", "gpu")
+KINDS = {"cpu": ("llvm",), "cuda": ("cuda",)}     # the TVM target kind each device compiles with
+_STR_FIELDS = ("description", "cross_compiler", "cross_compiler_package", "cuda_arch")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,15 @@ class TargetSpec:
 
     def tvm_target(self):
         from mbn_codegen._tvm import Target
-        return Target(self.tvm_dict())
+        try:
+            return Target(self.tvm_dict())
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            msg = lines[-1] if lines else type(e).__name__
+            raise TargetFileError(
+                f"target file {self.path or self.name}: TVM rejects its [target]/[host] tables: "
+                f"{msg[:300] + '...' if len(msg) > 300 else msg}. Fix that field (see the TVM target "
+                f"docs, or copy a working file from {HERE})") from None
 
     def compiler(self) -> str | None:
         """The C++ compiler that links the library (None = TVM's default, the host's)."""
@@ -82,22 +92,57 @@ def load(name_or_path: str | os.PathLike) -> TargetSpec:
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise UnknownTargetError(f"target file {path} is not valid TOML: {e}") from None
+        raise TargetFileError(f"target file {path} is not valid TOML: {e}") from None
     missing = [k for k in ("description", "arch", "device", "run", "target") if k not in raw]
     if missing:
-        raise UnknownTargetError(f"target file {path} lacks {', '.join(missing)}; copy a file from "
+        raise TargetFileError(f"target file {path} lacks {', '.join(missing)}; copy a file from "
                                  f"{HERE} and edit it")
     for key, allowed in (("arch", ARCHES), ("device", DEVICES), ("run", RUNS)):
         if raw[key] not in allowed:
-            raise UnknownTargetError(f"target file {path}: {key}={raw[key]!r}, expected one of {allowed}")
-    if raw["device"] == "cuda" and not raw.get("cuda_arch"):
-        raise UnknownTargetError(f"target file {path}: a CUDA target needs cuda_arch (e.g. \"sm_87\")")
+            raise TargetFileError(f"target file {path}: {key}={raw[key]!r}, expected one of {allowed}")
+    _check_fields(path, raw)
     return TargetSpec(name=path.stem, description=raw["description"], arch=raw["arch"],
                       device=raw["device"], run=raw["run"], target=raw["target"], host=raw.get("host"),
                       cross_compiler=raw.get("cross_compiler", ""),
                       cross_compiler_package=raw.get("cross_compiler_package", ""),
                       cuda_arch=raw.get("cuda_arch", ""),
                       required_cpu_flags=tuple(raw.get("required_cpu_flags", ())), path=str(path), raw=raw)
+
+
+def _check_fields(path: Path, raw: dict) -> None:
+    """The fields whose mistakes would otherwise surface as a bare ValueError/TypeError from TVM
+    or at link time, named with the file and what is accepted."""
+    def bad(field: str, got, want: str):
+        raise TargetFileError(f"target file {path}: {field}={got!r}, expected {want}")
+
+    for key in _STR_FIELDS:
+        if key in raw and not isinstance(raw[key], str):
+            bad(key, raw[key], "a string")
+    flags = raw.get("required_cpu_flags", [])
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        bad("required_cpu_flags", flags, 'a list of /proc/cpuinfo flag names, e.g. ["avx2", "fma"]')
+    if raw["device"] == "cuda" and not raw.get("cuda_arch"):
+        raise TargetFileError(f"target file {path}: a CUDA target needs cuda_arch (e.g. \"sm_87\")")
+    if raw.get("cuda_arch") and not str(raw["cuda_arch"]).startswith("sm_"):
+        bad("cuda_arch", raw["cuda_arch"], 'an sm_XY name, e.g. "sm_87"')
+    tables = [("target", raw["target"], KINDS[raw["device"]])]
+    if "host" in raw:
+        tables.append(("host", raw["host"], ("llvm",)))
+    for table, t, kinds in tables:
+        if not isinstance(t, dict):
+            bad(table, t, f"a table ([{table}]) with kind = {kinds[0]!r} and TVM target attributes")
+        if "kind" not in t:
+            raise TargetFileError(f"target file {path}: [{table}] lacks kind; for device="
+                                  f"{raw['device']!r} it is one of {kinds}")
+        if t["kind"] not in kinds:
+            bad(f"[{table}] kind", t["kind"], f"one of {kinds} for device={raw['device']!r}"
+                + ("" if table == "host" else f" (devices and kinds: {KINDS})"))
+        mattr = t.get("mattr")
+        if mattr is not None and (not isinstance(mattr, list) or not all(isinstance(m, str) for m in mattr)):
+            bad(f"[{table}] mattr", mattr, 'a list of strings, e.g. ["+neon"]')
+        cores = t.get("num-cores")
+        if cores is not None and (not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
+            bad(f"[{table}] num-cores", cores, "a positive integer")
 
 
 def all_targets() -> list[TargetSpec]:

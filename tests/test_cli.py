@@ -275,3 +275,48 @@ def test_run_unreadable_image(built, tmp_path):
     assert p.returncode != 0
     assert str(bad) in p.stderr
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# build: options and interrupts (the builds themselves: tests/test_build_reliability.py)
+
+def test_build_options_parse():
+    from mbn_codegen.cli.main import parser
+
+    a = parser().parse_args(["build", "--propagate-nan", "--onnx", "m.onnx"])
+    assert a.propagate_nan is True and a.resolution is None        # --onnx: the file's own size
+    assert parser().parse_args(["build"]).propagate_nan is False
+    assert parser().parse_args(["cost"]).resolution == 224
+
+
+@pytest.mark.parametrize("exc", [RuntimeError(""), RuntimeError("Traceback ...\nKeyboardInterrupt")],
+                         ids=["empty-message", "named"])
+def test_interrupt_wrapped_by_tvm_exits_130(capsys, monkeypatch, exc):
+    """TVM turns a KeyboardInterrupt raised in a Python callback into a RuntimeError (its text
+    empty or naming KeyboardInterrupt); the CLI still reports an interrupt."""
+    import signal
+
+    import mbn_codegen.build as build_mod
+
+    def fake_build(cfg, log=print):
+        if not str(exc):
+            try:
+                signal.raise_signal(signal.SIGINT)       # the CLI's handler raises and remembers it
+            except KeyboardInterrupt:
+                pass
+        raise exc
+
+    monkeypatch.setattr(build_mod, "build", fake_build)
+    rc, _, err = call(["build", *SMALL], capsys)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_other_runtime_errors_still_raise(monkeypatch, capsys):
+    import mbn_codegen.build as build_mod
+
+    def fake_build(cfg, log=print):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(build_mod, "build", fake_build)
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["build", *SMALL])

@@ -13,8 +13,9 @@ import pytest
 
 from mbn_codegen import targets
 from mbn_codegen.build import BuildConfig, build
-from mbn_codegen.errors import (CrossCompilerMissingError, MbnError, ModelConfigError,
-                                OnnxModelError, UnknownTargetError, VersionMismatchError)
+from mbn_codegen.errors import (CrossCompilerMissingError, LoweringError, MbnError, ModelConfigError,
+                                NonFiniteModelError, OnnxModelError, OutputDirError, TargetFileError,
+                                UnknownTargetError, VersionMismatchError, WeightsFileError)
 from mbn_codegen.export import export_onnx, load_onnx
 from mbn_codegen.models import create
 
@@ -31,7 +32,8 @@ def _build(tmp_path: Path, **kw) -> Path:
 
 def test_all_named_errors_are_mbn_errors():
     for cls in (CrossCompilerMissingError, ModelConfigError, OnnxModelError, UnknownTargetError,
-                VersionMismatchError):
+                VersionMismatchError, OutputDirError, WeightsFileError, TargetFileError,
+                NonFiniteModelError, LoweringError):
         assert issubclass(cls, MbnError)
 
 
@@ -307,7 +309,7 @@ def test_weights_fit(weights_alpha_half):
 
 
 def test_weights_do_not_fit(weights_alpha_half, tmp_path):
-    with pytest.raises(ModelConfigError) as e:
+    with pytest.raises(WeightsFileError) as e:
         create("mobilenet_v1", 0.25, 32, weights=weights_alpha_half)
     msg = str(e.value)
     assert "do not fit" in msg and "alpha=0.25" in msg and str(weights_alpha_half) in msg
@@ -323,7 +325,7 @@ def test_weights_other_num_classes(weights_alpha_half):
 
 
 def test_weights_file_missing(tmp_path):
-    with pytest.raises(ModelConfigError, match="does not exist"):
+    with pytest.raises(WeightsFileError, match="does not exist"):
         create("mobilenet_v1", 0.25, 32, weights=tmp_path / "nope.pt")
 
 

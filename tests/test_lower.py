@@ -67,3 +67,84 @@ def test_stock_keeps_nchw_and_tvm_defaults(tmp_path):
     lower(onnx.load(str(path)), ctx)
     assert ctx.layout == "NCHW"
     assert {k["source"] for k in ctx.notes["kernels"]} == {"tvm-stock"}
+
+
+def test_failed_phase_is_a_lowering_error(tmp_path, monkeypatch):
+    import mbn_codegen.lower as lower_mod
+    from mbn_codegen.errors import LoweringError, MbnError
+
+    model = make_live(create("mobilenet_v1", 0.25, 32))
+    path = export_onnx(model, tmp_path / "m.onnx")
+
+    def broken(mod, ctx):
+        raise AssertionError("emit_te now only supports Tensor that has ShapeExpr shape\n  (detail)")
+
+    monkeypatch.setattr(lower_mod, "PHASES", [(n, broken if n == "layout" else fn) for n, fn in PHASES])
+    try:
+        lower(onnx.load(str(path)), _ctx(32))
+    except LoweringError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("no LoweringError")
+    assert issubclass(LoweringError, MbnError)
+    assert "lowering phase 'layout' failed" in msg and "AssertionError" in msg
+    assert "emit_te now only supports" in msg and "(detail)" in msg and "\n" not in msg
+    assert "--dump-ir" in msg
+
+
+def test_shuffle_export_fails_in_decompose_with_a_named_error(tmp_path):
+    """ShuffleNet's channel shuffle exports as Shape->Gather->...->Reshape, which TVM's
+    inference decomposition cannot legalize (a bare AssertionError from emit_te)."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from mbn_codegen.errors import LoweringError
+
+    class Shuffle(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.size()
+            x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+            x1, x2 = x.chunk(2, dim=1)
+            return torch.cat([x1, torch.relu(x2)], 1).mean((2, 3))
+
+    path = tmp_path / "shuffle.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Shuffle().eval(), (torch.zeros(1, 6, 8, 8),), str(path), input_names=["input"],
+                          opset_version=17, dynamo=False, do_constant_folding=False)
+    ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "input", (1, 6, 8, 8))
+    try:
+        lower(onnx.load(str(path)), ctx)
+    except LoweringError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("no LoweringError")
+    assert "lowering phase 'decompose' failed" in msg and "AssertionError" in msg and "emit_te" in msg
+
+
+def test_propagate_nan_clip_keeps_fusion_and_nan(tmp_path):
+    """ReLU6 (ONNX Clip) with propagate_nan: where(isnan(x), x, clip(x)) fuses into the same
+    kernels with the same schedules, and NaN reaches the output as in ONNX Runtime."""
+    model = make_live(create("mobilenet_v2", 0.25, 32))
+    path = export_onnx(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
+    x_nan = x.copy()
+    x_nan[0, 2, 3, 4] = np.nan
+    runs = {}
+    for propagate in (False, True):
+        ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "input", (1, 3, 32, 32),
+                           propagate_nan=propagate)
+        mod = lower(onnx.load(str(path)), ctx)
+        assert "R.permute_dims" not in mod.script(show_meta=False)
+        vm = relax.VirtualMachine(build_module(mod, ctx), tvm.cpu())
+        runs[propagate] = (ctx.notes["kernels"],
+                           vm["main"](tvm.runtime.tensor(x)).numpy(), vm["main"](tvm.runtime.tensor(x_nan)).numpy())
+    (k0, y0, n0), (k1, y1, n1) = runs[False], runs[True]
+    assert len(k1) == len(k0) and [k["source"] for k in k1] == [k["source"] for k in k0]
+    assert any("isnan" in k["name"] and "conv2d" in k["name"] for k in k1)       # fused into the convs
+    np.testing.assert_allclose(y1, onnxruntime_run(path, x), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(y1, y0)
+    assert np.isnan(onnxruntime_run(path, x_nan)).all()
+    assert np.isnan(n1).all() and np.isfinite(n0).all()

@@ -5,7 +5,9 @@ from .common import add_model_args
 
 def add_parser(sub) -> None:
     p = sub.add_parser("build", help="compile a MobileNet (or an ONNX file) into an artifact directory")
-    add_model_args(p)
+    add_model_args(p, resolution_default=None,
+                   resolution_help="input size (default 224; with --onnx: the file's own, and "
+                   "this fixes a dynamic height/width)")
     p.add_argument("--weights", help="a state_dict file, or 'pretrained' (mobilenet_v2: ImageNet); "
                    "default: random weights (for testing)")
     p.add_argument("--onnx", help="compile this ONNX file instead of a zoo model")
@@ -19,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--schedules", default="ours", choices=["ours", "stock"],
                    help="ours (default): our depthwise/pointwise schedules in NHWC; stock: TVM's defaults")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--propagate-nan", action="store_true",
+                   help="ReLU/ReLU6 pass NaN through as ONNX defines them (default: IEEE max/min, "
+                   "which turn NaN into 0 or 6)")
 
 
 def main(args) -> int:
@@ -28,6 +33,6 @@ def main(args) -> int:
                       num_classes=args.num_classes, weights=args.weights, onnx=args.onnx,
                       target=args.target, out=args.out, dump_ir=args.dump_ir,
                       database=args.database, use_shipped_database=not args.no_database,
-                      schedules=args.schedules, seed=args.seed)
+                      schedules=args.schedules, seed=args.seed, propagate_nan=args.propagate_nan)
     build(cfg)
     return 0

@@ -27,8 +27,9 @@ def resolution(s: str) -> int:
     return v
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, resolution_default: int | None = 224,
+                   resolution_help: str = "input size (default 224)") -> None:
     p.add_argument("--model", default="mobilenet_v1", choices=["mobilenet_v1", "mobilenet_v2"])
     p.add_argument("--alpha", type=alpha, default=1.0, help="width multiplier (default 1.0)")
-    p.add_argument("--resolution", type=resolution, default=224, help="input size (default 224)")
+    p.add_argument("--resolution", type=resolution, default=resolution_default, help=resolution_help)
     p.add_argument("--num-classes", type=int, default=1000)

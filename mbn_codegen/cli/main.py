@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from ..errors import MbnError
 from . import bench, build, cost, demo, run, targets_cmd, tune
@@ -21,14 +23,52 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    seen = _SigintSeen()
     try:
-        return COMMANDS[args.command].main(args) or 0
+        with seen:
+            return COMMANDS[args.command].main(args) or 0
     except MbnError as e:
+        if seen.hit:
+            return _interrupted(args.command)
         print(f"mbn-codegen {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mbn-codegen {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
+    except Exception as e:
+        # a KeyboardInterrupt raised inside a Python callback comes back from TVM as a
+        # RuntimeError, sometimes with an empty message: the flag tells
+        if seen.hit or "KeyboardInterrupt" in str(e):
+            return _interrupted(args.command)
+        raise
+
+
+class _SigintSeen:
+    """Ctrl-C as usual (KeyboardInterrupt), but remembered: whatever error it turns into on its
+    way through TVM's C++ frames, the command still ends as 'interrupted'."""
+
+    def __init__(self):
+        self.hit = False
+        self._prev = None
+
+    def _handler(self, _signum, _frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+        return False
+
+
+def _interrupted(command: str) -> int:
+    print(f"mbn-codegen {command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ModelConfigError
+from ..errors import ModelConfigError, WeightsFileError
 
 MODELS = ("mobilenet_v1", "mobilenet_v2")
 LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
@@ -13,8 +13,6 @@ LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
 def create(name: str = "mobilenet_v1", alpha: float = 1.0, resolution: int = 224,
            num_classes: int = 1000, weights: str | os.PathLike | None = None):
     """Build a model in eval mode. `weights`: a state_dict file, or "pretrained" (v2 only)."""
-    import torch
-
     if name == "mobilenet_v1":
         from .mobilenet_v1 import MobileNetV1 as cls
     elif name == "mobilenet_v2":
@@ -25,18 +23,87 @@ def create(name: str = "mobilenet_v1", alpha: float = 1.0, resolution: int = 224
     model = cls(alpha=alpha, num_classes=num_classes, resolution=resolution)
     if weights is not None:
         path = pretrained_path(name, alpha, num_classes) if str(weights) == "pretrained" else Path(weights)
-        if not Path(path).is_file():
-            raise ModelConfigError(f"weights file {path} does not exist")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ModelConfigError(
+        sd = load_state_dict(path)
+        problems = fit_problems(model, sd)
+        if problems:
+            raise WeightsFileError(
                 f"weights {path} do not fit {name} alpha={alpha} num_classes={num_classes}: "
-                f"{str(e).splitlines()[0]} {str(e).splitlines()[1:3]}") from None
+                + "; ".join(problems) + ". Pass the --model, --alpha and --num-classes the weights "
+                "were trained with")
+        model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+_EXPECTED = "a state_dict, saved with torch.save(model.state_dict(), path)"
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """The state_dict in a weights file, or a WeightsFileError saying what the file holds instead.
+    Loads with weights_only=True: a whole pickled model would run arbitrary code on load."""
+    import re
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"weights file {path} does not exist; pass {_EXPECTED}")
+    if path.suffix.lower() == ".onnx":
+        raise WeightsFileError(f"weights file {path} is an ONNX model; compile it with --onnx {path} "
+                               "instead of --weights")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler fails in arbitrary ways on arbitrary bytes
+        cls = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if cls and "torch.nn" not in cls.group(1) and not cls.group(1).startswith("collections"):
+            what = (f"a whole pickled object of class {cls.group(1)} (torch.save(model) saves the "
+                    "module, which needs its Python class to load)")
+        elif cls:
+            what = f"a pickled object that needs {cls.group(1)} to load"
+        else:
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            what = f"no PyTorch data it can read ({type(e).__name__}: {first or 'empty file'})"
+        raise WeightsFileError(f"weights file {path} holds {what}; expected {_EXPECTED}") from None
+    if isinstance(sd, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    if isinstance(sd, torch.Tensor):
+        raise WeightsFileError(f"weights file {path} holds a single tensor of shape "
+                               f"{tuple(sd.shape)}, not named parameters; expected {_EXPECTED}")
+    if not isinstance(sd, dict):
+        raise WeightsFileError(f"weights file {path} holds a {type(sd).__name__}; expected {_EXPECTED}")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsFileError(
+            f"weights file {path} holds a dict whose entries {_short(bad)} are not tensors (a "
+            f"training checkpoint?); expected {_EXPECTED}, or a checkpoint with it under 'state_dict'")
+    return sd
+
+
+def _short(names: list, n: int = 3) -> str:
+    shown = ", ".join(str(x) for x in names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def fit_problems(model, sd: dict) -> list[str]:
+    """What keeps `sd` from loading into `model`, in a few short phrases (empty: it fits)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k}: file {tuple(sd[k].shape)}, model {tuple(want[k].shape)}"
+              for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    out = []
+    if shapes:
+        out.append(f"size mismatch in {len(shapes)} tensors: {_short(shapes, 2)}")
+    if missing:
+        out.append(f"{len(missing)} missing keys: {_short(missing)}")
+    if unexpected:
+        out.append(f"{len(unexpected)} unexpected keys: {_short(unexpected)}")
+    if unexpected and all(k.startswith("module.") for k in unexpected):
+        out.append("the keys start with 'module.' (saved from DataParallel): save "
+                   "model.module.state_dict() instead")
+    return out
 
 
 def pretrained_path(name: str, alpha: float = 1.0, num_classes: int = 1000) -> Path:
