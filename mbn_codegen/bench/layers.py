@@ -39,13 +39,12 @@ def measure_layers(artifact: str, x: np.ndarray, rounds: int, min_repeat_ms: int
     e2e, tw, tc = [], [[] for _ in calls], [[] for _ in calls]
     for r in range(rounds + 1):                   # round 0 warms up and is dropped
         t = e2e_f(xt).mean * 1e3
-        for i, (s, args) in enumerate(calls):
-            w, c = warm[i](*args).mean * 1e3, cold[i](*args).mean * 1e3
-            if r:
-                tw[i].append(w)
-                tc[i].append(c)
-        if r:
-            e2e.append(t)
+        w = [f(*args).mean * 1e3 for f, (_, args) in zip(warm, calls)]      # all warm, then all cold
+        c = [f(*args).mean * 1e3 for f, (_, args) in zip(cold, calls)]
+        for i in range(len(calls) if r else 0):
+            tw[i].append(w[i])
+            tc[i].append(c[i])
+        e2e += [t] if r else []
     out = []
     for i, (sym, args) in enumerate(calls):
         ts = [a for a in args if hasattr(a, "shape")]
@@ -108,7 +107,8 @@ def map_to_layers(calls: list[dict], kernels: list[dict], layers: list[dict]) ->
         return rows, f"{len(compute)} compute kernel calls for {len(layers)} ONNX layers"
     for r, l in zip(compute, layers):
         if r["kind"] != _ONNX_KIND[l["kind"]]:
-            return rows, f"kernel call #{r['index']} ({r['symbol']}, {r['kind']}) is not layer {l['name']} ({l['kind']})"
+            return rows, (f"kernel call #{r['index']} ({r['symbol']}, {r['kind']}) is not layer "
+                          f"{l['name']} ({l['kind']})")
     for r, l in zip(compute, layers):
         r.update(layer=l["name"], mult_adds=l["mult_adds"], shape=l["shape"])
     return rows, None

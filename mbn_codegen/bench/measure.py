@@ -121,7 +121,8 @@ def noise(block_medians: list[float]) -> float | None:
 
 
 def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
-                on_block: Callable[[str, int, list[float]], None], progress: Callable[[str], None], seed: int = 0) -> dict:
+                on_block: Callable[[str, int, list[float]], None], progress: Callable[[str], None],
+                seed: int = 0) -> dict:
     """on_block(variant, round, samples_ms) after every block, so an interruption loses at most one
     block. Returns the fence statistics."""
     rng, waits, timeouts, t0 = random.Random(seed), [], 0, time.perf_counter()
@@ -138,6 +139,7 @@ def interleaved(workers: dict[str, Worker], rounds: int, reps: int, warmup: int,
                 progress(f"  {name}: {e}; dropped from the remaining rounds")
                 workers.pop(name).close()
         el = time.perf_counter() - t0
-        progress(f"  round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, ~{el / (r + 1) * (rounds - r - 1):.0f} s left")
+        progress(f"  round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, "
+                 f"~{el / (r + 1) * (rounds - r - 1):.0f} s left")
     return {"blocks": len(waits), "median_wait_ms": float(np.median(waits) * 1e3) if waits else 0.0,
             "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": timeouts}

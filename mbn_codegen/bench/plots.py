@@ -15,8 +15,8 @@ MARKERS = "osD^vPX"
 
 def _save(fig, ax, path: Path, title: str, log: str = "") -> Path:
     ax.set_title(title, fontsize=10)
-    ax.set_xscale("log" if "x" in log else "linear")
-    ax.set_yscale("log" if "y" in log else "linear")
+    for axis in log:
+        getattr(ax, f"set_{axis}scale")("log")
     ax.grid(which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -34,8 +34,8 @@ def e2e_plot(doc: dict, path: Path) -> Path | None:
     for e in entries:
         s, j = e["stats"], threads.index(e["threads"])
         y = names.index(e["variant"]) + (j - (len(threads) - 1) / 2) * h
-        ax.barh(y, s["median"], height=h * 0.9, color=f"C{j}", xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]],
-                capsize=3, label=f"{e['threads']} thread(s)")
+        ax.barh(y, s["median"], height=h * 0.9, color=f"C{j}", capsize=3,
+                xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]], label=f"{e['threads']} thread(s)")
         ax.text(s["p90"] * 1.05, y, f"{s['median']:.3g} ms", va="center", fontsize=8)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()

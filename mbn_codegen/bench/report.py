@@ -42,8 +42,8 @@ def summarize(doc: dict) -> dict:
         peers = {n: e["stats"]["median"] for n, e in e2e.items() if kind[n] == "peer" and chk[n].get("ok")}
         fp = min(peers, key=peers.get) if peers else None
         for v in doc["variants"]:
-            row = {"threads": t, "variant": v["name"], "label": v["label"], "kind": v["kind"],
-                   "status": v["status"] if v["status"] != "ok" or v["name"] in e2e else "not measured", "note": v["note"]}
+            row = {"threads": t, "variant": v["name"], "label": v["label"], "kind": v["kind"], "note": v["note"],
+                   "status": v["status"] if v["status"] != "ok" or v["name"] in e2e else "not measured"}
             if v["name"] in e2e:
                 s = e2e[v["name"]]["stats"]
                 row.update(median_ms=s["median"], p10_ms=s["p10"], p90_ms=s["p90"], ci95_ms=s["ci95"], n=s["n"],
@@ -70,7 +70,8 @@ def _img(out: Path, name: str | None, caption: str) -> str:
     if not name:
         return ""
     data = base64.b64encode((out / name).read_bytes()).decode()
-    return f"<figure><img src='data:image/png;base64,{data}' alt='{caption}'><figcaption>{caption}</figcaption></figure>"
+    return (f"<figure><img src='data:image/png;base64,{data}' alt='{caption}'>"
+            f"<figcaption>{caption}</figcaption></figure>")
 
 
 def _headline(doc: dict, t: int) -> tuple[list[str], list[list]]:
@@ -78,114 +79,125 @@ def _headline(doc: dict, t: int) -> tuple[list[str], list[list]]:
     fp = next((r["fastest_peer"] for r in rows if r.get("fastest_peer")), None)
     body = [[r["label"], fmt_ms(r["median_ms"]), f"{fmt_ms(r['p10_ms'])} – {fmt_ms(r['p90_ms'])}",
              f"{fmt_ms(r['ci95_ms'][0])} – {fmt_ms(r['ci95_ms'][1])}",
-             "–" if r["noise"] is None else f"{100 * r['noise']:.1f}%", fmt_x(r["vs_stock"]), fmt_x(r["vs_fastest_peer"]),
-             r["n"], {True: "✓", False: "✗ differs"}.get(r["check_ok"], "–")]
+             "–" if r["noise"] is None else f"{100 * r['noise']:.1f}%", fmt_x(r["vs_stock"]),
+             fmt_x(r["vs_fastest_peer"]), r["n"], {True: "✓", False: "✗ differs"}.get(r["check_ok"], "–")]
             for r in sorted((r for r in rows if "median_ms" in r), key=lambda r: r["median_ms"])]
-    body += [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"] for r in rows if "median_ms" not in r]
+    body += [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"]
+             for r in rows if "median_ms" not in r]
     return (["variant", "median ms", "p10 – p90", "95% CI of median", "noise", "vs stock",
              f"vs fastest peer ({fp or '–'})", "samples", "output check"], body)
 
 
 def _layers(doc: dict, t: int) -> str:
     entries = [e for e in doc["layers"] if e["threads"] == t]
-    p, out = peak(doc, t), ""
-    mapped = [e for e in entries if not e["mapping_problem"]]
+    mapped, out = [e for e in entries if not e["mapping_problem"]], ""
     if mapped:
         ref = min(mapped, key=lambda e: e["consistency"]["e2e_ms"])
         by = {e["variant"]: {c["layer"]: c for c in e["calls"] if c["layer"]} for e in mapped}
-        names = list(by)
         body = []
         for L in doc["model"]["layers"]:
             rc = by[ref["variant"]][L["name"]]
-            g = 2 * L["mult_adds"] / (rc["median_ms"] * 1e-3) / 1e9
-            body.append([L["name"], L["kind"], L["shape"], f"{L['mult_adds'] / 1e6:.3g}"]
-                        + [fmt_ms(by[n][L["name"]]["median_ms"]) for n in names]
-                        + [f"{g:.1f}", pct_of_peak(g, p), rc.get("source") or "–"])
+            g = 2 * L["mult_adds"] / rc["median_ms"] / 1e6
+            body.append([L["name"], L["kind"], L["shape"], f"{L['mult_adds'] / 1e6:.3g}",
+                         *[fmt_ms(by[n][L["name"]]["median_ms"]) for n in by],
+                         f"{g:.1f}", pct_of_peak(g, peak(doc, t)), rc.get("source") or "–"])
         e2e = {e["variant"]: e["stats"]["median"] for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
-        for label, f in (("other kernels (reshape, pool, layout)", lambda e: sum(c["median_ms"] for c in e["calls"] if not c["layer"])),
+        for label, f in (("other kernels (reshape, pool, layout)",
+                          lambda e: sum(c["median_ms"] for c in e["calls"] if not c["layer"])),
                          ("sum of kernels", lambda e: e["consistency"]["kernel_sum_ms"]),
                          ("end to end, same process", lambda e: e["consistency"]["e2e_ms"]),
                          ("overhead: end to end − sum of kernels", lambda e: e["consistency"]["unattributed_ms"]),
                          ("end to end, interleaved run", lambda e: e2e.get(e["variant"]))):
-            body.append([f"<b>{label}</b>", "", "", ""] + [fmt_ms(f(e)) for e in mapped] + ["", "", ""])
-        out += _table(["layer", "type", "shape", "MMACs"] + [f"{n} ms" for n in names]
-                      + [f"{ref['variant']} GFLOP/s", "% of FMA peak", "schedule"], body)
-    for e in entries:
-        if e["mapping_problem"]:
-            out += (f"<p>{e['variant']}: kernel calls not mapped to the ONNX layers ({html.escape(e['mapping_problem'])}).</p>"
-                    + _table(["#", "symbol", "kind", "ms"], [[c["index"], c["symbol"], c["kind"], fmt_ms(c["median_ms"])]
-                                                             for c in e["calls"]]))
+            body.append([f"<b>{label}</b>", "", "", "", *[fmt_ms(f(e)) for e in mapped], "", "", ""])
+        out += _table(["layer", "type", "shape", "MMACs", *[f"{n} ms" for n in by],
+                       f"{ref['variant']} GFLOP/s", "% of FMA peak", "schedule"], body)
+    for e in (e for e in entries if e["mapping_problem"]):
+        out += (f"<p>{e['variant']}: kernel calls not mapped to the ONNX layers "
+                f"({html.escape(e['mapping_problem'])}).</p>"
+                + _table(["#", "symbol", "kind", "ms"],
+                         [[c["index"], c["symbol"], c["kind"], fmt_ms(c["median_ms"])] for c in e["calls"]]))
     c0 = entries[0]["consistency"]
     out += (f"<p>Consistency: warm sum × (1 − {c0['tolerance']:.2f}) ≤ end to end ≤ (cold sum + "
             f"{c0['per_call_allowance_us']:g} µs × VM instructions) × (1 + {c0['tolerance']:.2f}).</p>")
-    return out + _table(["variant", "warm sum ms", "cold sum ms", "end to end ms", "overhead ms", "allowed range ms", "check"],
-                        [[e["variant"], fmt_ms(c["kernel_sum_ms"]), fmt_ms(c["cold_kernel_sum_ms"]), fmt_ms(c["e2e_ms"]),
-                          fmt_ms(c["unattributed_ms"]), f"{fmt_ms(c['lower_ms'])} – {fmt_ms(c['upper_ms'])}",
-                          "ok" if c["ok"] else "<b>outside</b>"] for e in entries for c in [e["consistency"]]])
+    keys = ("kernel_sum_ms", "cold_kernel_sum_ms", "e2e_ms", "unattributed_ms")
+    rows = [[e["variant"], *[fmt_ms(c[k]) for k in keys],
+             f"{fmt_ms(c['lower_ms'])} – {fmt_ms(c['upper_ms'])}", "ok" if c["ok"] else "<b>outside</b>"]
+            for e in entries for c in [e["consistency"]]]
+    return out + _table(["variant", "warm sum ms", "cold sum ms", "end to end ms", "overhead ms", "allowed range ms",
+                         "check"], rows)
+
+
+def _warnings(doc: dict) -> list[str]:
+    out = [f"<p>⚠ {x['variant']} {c['layer']} at {x['threads']} thread(s) runs above the measured FMA peak: the "
+           "peak measurement is wrong, no % of peak is printed for it.</p>"
+           for x in doc["layers"] for c in x["calls"] if c["mult_adds"]
+           and pct_of_peak(2 * c["mult_adds"] / c["median_ms"] / 1e6, peak(doc, x["threads"])).startswith("above")]
+    return out + [f"<p>⚠ The FMA loop at {q['threads']} thread(s) is not register-resident "
+                  f"({html.escape(str(q['asm_check']))}): its peak is too low.</p>"
+                  for q in doc["peak"] if not q["asm_check"]["ok"]]
+
+
+def _machine(doc: dict) -> list[str]:
+    p, iso = doc["provenance"], doc["isolation"]
+    m = p["machine"]
+    peaks = [[q["threads"], f"{q['fma_gflops']:.1f}", f"{q['triad_gbs']:.1f}", f"{q['ridge_flop_per_byte']:.1f}",
+              f"{q['asm_check']['fmas_in_loop']} FMAs on {', '.join(q['asm_check']['registers'][:3])}…, "
+              + ("no memory operands" if q["asm_check"]["ok"] else "NOT register-resident"), q["method"]]
+             for q in doc["peak"]]
+    fences = "; ".join(f"{t} thread(s): median {f['median_wait_ms']:.0f} ms, max {f['max_wait_ms']:.0f} ms, "
+                       f"{f['timeouts']} timeouts of {f['blocks']} blocks" for t, f in iso.get("fence", {}).items())
+    spin = ", ".join(f"{k}={v}" for k, v in iso.get("spin_settings", {}).items())
+    return ["<h2>Machine peak and isolation</h2>",
+            _table(["threads", "FMA loop GFLOP/s", "triad GB/s", "ridge FLOP/byte", "hot loop", "method"], peaks),
+            f"<p>Spin settings of every worker: {html.escape(spin)}. Variant order: {iso.get('order', '–')}. Before "
+            f"each block a fence waits until all workers' CPU time stops growing (idle pools blocked, not spinning): "
+            f"{html.escape(fences)}.</p>", "<h2>Provenance</h2>", _table(["", ""], [
+                ["CPU", f"{m['cpu_model']} ({m['arch']}), {m['usable_cores']} usable cores, {m['mhz'] or '–'} MHz"],
+                ["SIMD flags", " ".join(m["simd_flags"])], ["memory", f"{m['memory_bytes'] / 2**30:.1f} GiB"],
+                ["load average", f"start {m['load_average_start']}, end {p.get('load_average_end')}"],
+                ["versions", ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)],
+                ["target", f"{p['target']['name']}: {p['target'].get('tvm_target')}"], ["git", p["git"] or "–"],
+                ["command", p["command"]], ["duration", f"{p.get('seconds', '–')} s"]])]
+
+
+METHOD = ("<h2>Method</h2><p>End to end: each variant in its own worker process per thread count, same seeded "
+          "input, output checked against ONNX Runtime; warm-up, then interleaved rounds of blocks in random order; "
+          "median, p10/p90 and a bootstrap 95% interval over all samples. Per layer: the VM's instrument hook "
+          "records each kernel call; each is timed alone (warm and cold) with time_evaluator; calls map in order to "
+          "the ONNX graph's Conv/Gemm nodes, whose mult-adds come from their own shapes. % of peak divides by the "
+          "FMA loop; the roofline's memory roof is the triad.</p>")
+CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0;"
+       "font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eef}img{max-width:100%}")
 
 
 def render(doc: dict, out: Path, plots: dict[str, str]) -> str:
-    m, p, iso = doc["model"], doc["provenance"], doc.get("isolation") or {}
-    mach = p["machine"]
-    h = [f"<h1>Benchmark: {html.escape(m['name'])} on {html.escape(mach['cpu_model'])}</h1>",
+    m, p = doc["model"], doc["provenance"]
+    h = [f"<h1>Benchmark: {html.escape(m['name'])} on {html.escape(p['machine']['cpu_model'])}</h1>",
          f"<p>Target <code>{p['target']['name']}</code>, batch 1, fp32, weights: {html.escape(m['weights'])}"
          + (f", {m['mult_adds'] / 1e6:.1f}M mult-adds (counted from the ONNX graph)" if m.get("mult_adds") else "")
-         + f". {p['date']}. Status: <b>{doc['status']}</b>.</p>"]
-    for x in doc["layers"]:
-        for c in x["calls"]:
-            if c["mult_adds"] and pct_of_peak(2 * c["mult_adds"] / c["median_ms"] / 1e6, peak(doc, x["threads"])).startswith("above"):
-                h.append(f"<p>⚠ {x['variant']} {c['layer']} at {x['threads']} thread(s) runs above the measured FMA peak: "
-                         "the peak measurement is wrong, no % of peak is printed for it.</p>")
-    h += [f"<p>⚠ The FMA loop at {q['threads']} thread(s) is not register-resident "
-          f"({html.escape(str(q['asm_check']))}): its peak is too low.</p>" for q in doc["peak"] if not q["asm_check"]["ok"]]
-    h.append("<h2>End to end</h2><p>Only ratios within one interleaved run count: absolute times on a shared "
-             "machine drift by more than the differences between variants. Noise = (p90 − p10) / median of the "
-             "variant's per-block medians.</p>")
+         + f". {p['date']}. Status: <b>{doc['status']}</b>.</p>", *_warnings(doc),
+         "<h2>End to end</h2><p>Only ratios within one interleaved run count: absolute times on a shared machine "
+         "drift by more than the differences between variants. Noise = (p90 − p10) / median of the variant's "
+         "per-block medians.</p>"]
     for t in doc["config"]["threads"]:
         head, body = _headline(doc, t)
-        if body:
-            noise = [r["noise"] for r in doc["summary"]["headline"] if r["threads"] == t and r.get("noise") is not None]
-            h.append(f"<h3>{t} thread(s)</h3>" + _table(head, body)
-                     + (f"<p>Noise of this run at {t} thread(s): up to {100 * max(noise):.1f}%.</p>" if noise else ""))
+        noise = [r["noise"] for r in doc["summary"]["headline"] if r["threads"] == t and r.get("noise") is not None]
+        h.append(f"<h3>{t} thread(s)</h3>" + _table(head, body)
+                 + (f"<p>Noise of this run at {t} thread(s): up to {100 * max(noise):.1f}%.</p>" if noise else ""))
     h.append(_img(out, plots.get("e2e"), "End-to-end latency per variant"))
-    if doc["layers"]:
-        h.append("<h2>Per layer</h2>")
-        for t in sorted({e["threads"] for e in doc["layers"]}):
-            h += [f"<h3>{t} thread(s)</h3>", _layers(doc, t), _img(out, plots.get(f"layers-{t}"), f"Per-layer time, {t} thread(s)"),
-                  _img(out, plots.get(f"roofline-{t}"), f"Roofline, {t} thread(s)")]
+    for i, t in enumerate(sorted({e["threads"] for e in doc["layers"]})):
+        h += ["<h2>Per layer</h2>"] * (i == 0) + [f"<h3>{t} thread(s)</h3>", _layers(doc, t),
+                                                 _img(out, plots.get(f"layers-{t}"), f"Per-layer time, {t} thread(s)"),
+                                                 _img(out, plots.get(f"roofline-{t}"), f"Roofline, {t} thread(s)")]
     if doc["grid"]:
         h += ["<h2>Width x resolution grid</h2>", _table(
             ["variant", "alpha", "resolution", "MMACs", "paper top-1 %", "median ms"],
             [[g["variant"], f"{g['alpha']:g}", g["resolution"], f"{g['mult_adds'] / 1e6:.0f}",
               g["accuracy"] or "–", fmt_ms(g["stats"].get("median"))] for g in doc["grid"]]),
               _img(out, plots.get("grid"), "Latency against mult-adds")]
-    h += ["<h2>Machine peak and isolation</h2>", _table(
-        ["threads", "FMA loop GFLOP/s", "triad GB/s", "ridge FLOP/byte", "hot loop", "method"],
-        [[q["threads"], f"{q['fma_gflops']:.1f}", f"{q['triad_gbs']:.1f}", f"{q['ridge_flop_per_byte']:.1f}",
-          f"{q['asm_check']['fmas_in_loop']} FMAs on {', '.join(q['asm_check']['registers'][:3])}…, "
-          + ("no memory operands" if q["asm_check"]["ok"] else "NOT register-resident"), q["method"]] for q in doc["peak"]]),
-          "<p>Spin settings of every worker: " + html.escape(", ".join(f"{k}={v}" for k, v in iso.get("spin_settings", {}).items()))
-          + f". Variant order: {iso.get('order', '–')}. Before each block a fence waits until all workers' CPU time "
-          "stops growing (idle pools blocked, not spinning): "
-          + html.escape("; ".join(f"{t} thread(s): median {f['median_wait_ms']:.0f} ms, max {f['max_wait_ms']:.0f} ms, "
-                                  f"{f['timeouts']} timeouts of {f['blocks']} blocks" for t, f in iso.get("fence", {}).items()))
-          + ".</p>", "<h2>Provenance</h2>", _table(["", ""], [
-              ["CPU", f"{mach['cpu_model']} ({mach['arch']}), {mach['usable_cores']} usable cores, {mach['mhz'] or '–'} MHz"],
-              ["SIMD flags", " ".join(mach["simd_flags"])], ["memory", f"{mach['memory_bytes'] / 2**30:.1f} GiB"],
-              ["load average", f"start {mach['load_average_start']}, end {p.get('load_average_end')}"],
-              ["versions", ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)],
-              ["target", f"{p['target']['name']}: {p['target'].get('tvm_target')}"], ["git", p["git"] or "–"],
-              ["command", p["command"]], ["duration", f"{p.get('seconds', '–')} s"]]),
-          "<h2>Method</h2><p>End to end: each variant in its own worker process per thread count, same seeded input, "
-          "output checked against ONNX Runtime; warm-up, then interleaved rounds of blocks in random order; median, "
-          "p10/p90 and a bootstrap 95% interval over all samples. Per layer: the VM's instrument hook records each "
-          "kernel call; each is timed alone (warm and cold) with time_evaluator; calls map in order to the ONNX "
-          "graph's Conv/Gemm nodes, whose mult-adds come from their own shapes. % of peak divides by the FMA loop; the "
-          "roofline's memory roof is the triad.</p>", f"<p><b>{html.escape(closing_line(doc))}</b></p>"]
-    css = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;font-size:.85em;"
-           "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eef}img{max-width:100%}")
+    h += [*_machine(doc), METHOD, f"<p><b>{html.escape(closing_line(doc))}</b></p>"]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(m['name'])}</title>"
-            f"<style>{css}</style></head><body>\n" + "\n".join(h) + "\n</body></html>\n")
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(h) + "\n</body></html>\n")
 
 
 def write_report(out: str | Path, doc: dict) -> Path:
@@ -193,7 +205,8 @@ def write_report(out: str | Path, doc: dict) -> Path:
 
     out, made = Path(out), {}
     jobs = [("e2e", P.e2e_plot, ()), ("grid", P.grid_plot, ())]
-    jobs += [(f"{k}-{t}", f, (t,)) for t in doc["config"]["threads"] for k, f in (("layers", P.layers_plot), ("roofline", P.roofline_plot))]
+    jobs += [(f"{k}-{t}", f, (t,)) for t in doc["config"]["threads"]
+             for k, f in (("layers", P.layers_plot), ("roofline", P.roofline_plot))]
     for key, fn, args in jobs:
         try:
             if fn(doc, *args, out / f"{key}.png"):

@@ -63,10 +63,12 @@ def provenance(spec) -> dict:
         git = None
     versions = {p: metadata.version(p) if list(metadata.distributions(name=p)) else None for p in PACKAGES}
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-            "machine": {"cpu_model": c.get("model name") or platform.processor() or "unknown",
+            "machine": {"cpu_model": (c.get("model name") or platform.processor() or "unknown")
+                        + (f" (family {c['cpu family']}, model {c['model']})" if "cpu family" in c else ""),
                         "arch": platform.machine(), "usable_cores": len(psutil.Process().cpu_affinity()),
                         "mhz": freq.max or freq.current if freq else None,
-                        "simd_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx", "asimd", "sve"))),
+                        "simd_flags": sorted(f for f in cpu_flags()
+                                             if f.startswith(("avx", "fma", "amx", "asimd", "sve"))),
                         "memory_bytes": psutil.virtual_memory().total, "os": platform.platform(),
                         "load_average_start": [round(x, 2) for x in psutil.getloadavg()]},
             "versions": {**versions, "python": platform.python_version()}, "git": git,

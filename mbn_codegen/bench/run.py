@@ -89,7 +89,8 @@ def build_variant(v, out: Path, log_file: Path) -> dict:
 
     t0 = time.perf_counter()
     with open(log_file, "a") as lf:
-        v.artifact = str(build(BuildConfig(**v.build_kwargs, out=str(out)), log=lambda s: print(s, file=lf, flush=True)))
+        v.artifact = str(build(BuildConfig(**v.build_kwargs, out=str(out)),
+                               log=lambda s: print(s, file=lf, flush=True)))
     return {**_manifest_facts(v.artifact), "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -179,7 +180,8 @@ def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, s
         try:
             say(f"build {v.name} ..." if not v.artifact else f"{v.name}: {v.artifact}")
             logs.mkdir(parents=True, exist_ok=True)
-            facts = _manifest_facts(v.artifact) if v.artifact else build_variant(v, out / "builds" / v.name, logs / "build.log")
+            facts = (_manifest_facts(v.artifact) if v.artifact else
+                     build_variant(v, out / "builds" / v.name, logs / "build.log"))
             vrec[v.name].update(build_facts=facts, artifact=v.artifact)
         except Exception as e:
             v.status, v.note = "failed", f"build failed: {type(e).__name__}: {str(e)[:300]}"
@@ -192,7 +194,8 @@ def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, s
         doc["peak"].append(p)
         save()
         say(f"peak at {t} thread(s): FMA loop {p['fma_gflops']:.1f} GFLOP/s (hot loop "
-            f"{'registers only' if p['asm_check']['ok'] else 'NOT register-resident'}), triad {p['triad_gbs']:.1f} GB/s")
+            f"{'registers only' if p['asm_check']['ok'] else 'NOT register-resident'}), "
+            f"triad {p['triad_gbs']:.1f} GB/s")
     for t in threads:
         doc["isolation"]["fence"][str(t)] = _interleave(cfg, [v for v in vs if v.ok], t, model, logs, doc["e2e"],
                                                             save, say, cfg.rounds, cfg.reps, cfg.warmup, vrec)
@@ -230,8 +233,8 @@ def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, wa
                 vrec[s["variant"]]["checks"].append({"threads": t, **{k: r[k] for k in ("ok", "error") if k in r},
                                                      **(r.get("check") or {})})
             if not w or not r["check"]["ok"]:
-                say(f"  {s['variant']}: " + (f"failed to load: {r['error']}" if not w else
-                                             f"output differs from ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})"))
+                say(f"  {s['variant']}: " + (f"failed to load: {r['error']}" if not w else "output differs from "
+                                             f"ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})"))
             if w:
                 workers[s["variant"]] = w
                 entry[s["variant"]] = {"variant": s["variant"], "threads": t, "samples_ms": [], "rounds": [],
@@ -246,8 +249,10 @@ def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, wa
             e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
             save()
 
-        return interleaved(workers, rounds, reps, warmup, on_block, seed=cfg.seed + t, progress=lambda m: say(
-            m + "   " + "  ".join(f"{n} {e['stats']['median']:.2f}" for n, e in entry.items() if e["stats"]["n"]) + " ms"))
+        def progress(msg):
+            say(msg + "   " + "  ".join(f"{n} {e['stats']['median']:.2f}" for n, e in entry.items() if e["stats"]["n"])
+                + " ms")
+        return interleaved(workers, rounds, reps, warmup, on_block, progress, seed=cfg.seed + t)
     finally:
         for w in workers.values():
             w.close()
@@ -260,7 +265,8 @@ def _layers(cfg, v, t, model, logs, doc, save, say, kernels) -> None:
 
     say(f"per layer: {v.name} at {t} thread(s) ...")
     try:
-        m = _ask(dict(worker_spec(v, cfg, t, model), mode="layers"), {"cmd": "layers", "rounds": cfg.layer_rounds}, logs)
+        m = _ask(dict(worker_spec(v, cfg, t, model), mode="layers"),
+                 {"cmd": "layers", "rounds": cfg.layer_rounds}, logs)
     except WorkerError as e:
         return say(f"  failed: {e}")
     rows, problem = L.map_to_layers(m["calls"], kernels, model["layers"])

@@ -59,7 +59,7 @@ def resolve(names: list[str], base: dict, target: str, database: str | None = No
             if v.database:
                 v.build_kwargs["database"] = v.database
                 if not Path(v.database).is_dir():
-                    v.status, v.note = "unavailable", f"not available: no database at {v.database}"
+                    v.status, v.note = "unavailable", f"no database at {v.database}"
         else:
             v = Variant(name, "peer", LABELS[name], runtime=RUNTIME[name])
             if importlib.util.find_spec(v.runtime) is None:

@@ -69,7 +69,8 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     if args.compare:
         from ..bench.compare import compare
-        r = compare(*args.compare, out=args.out, variants=None if args.variants == list(DEFAULT_VARIANTS) else args.variants)
+        r = compare(*args.compare, out=args.out,
+                    variants=None if args.variants == list(DEFAULT_VARIANTS) else args.variants)
         print(r["text"] + f"wrote {r['md']}")
         return 0
     if args.report_only:
@@ -84,6 +85,7 @@ def main(args) -> int:
     cfg = BenchConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(BenchConfig) if f.name in vars(args)})
     cfg.artifacts = dict(args.artifacts)
     if args.quick:
-        cfg.rounds, cfg.reps, cfg.warmup, cfg.layer_rounds, cfg.grid_rounds, cfg.grid_reps, cfg.quick_peak = 3, 2, 2, 2, 2, 1, True
+        cfg = dataclasses.replace(cfg, rounds=3, reps=2, warmup=2, layer_rounds=2, grid_rounds=2, grid_reps=1,
+                                  quick_peak=True)
     run_bench(cfg, log=lambda s: print(s, flush=True))
     return 0
