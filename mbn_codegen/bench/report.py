@@ -165,7 +165,8 @@ METHOD = ("<h2>Method</h2><p>End to end: each variant in its own worker process 
           "median, p10/p90 and a bootstrap 95% interval over all samples. Per layer: the VM's instrument hook "
           "records each kernel call; each is timed alone (warm and cold) with time_evaluator; calls map in order to "
           "the ONNX graph's Conv/Gemm nodes, whose mult-adds come from their own shapes. % of peak divides by the "
-          "FMA loop; the roofline's memory roof is the triad.</p>")
+          "FMA loop; the roofline's memory roof is the triad (DRAM): kernels whose operands fit in the caches can sit "
+          "above it.</p>")
 CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0;"
        "font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eef}img{max-width:100%}")
 
