@@ -99,3 +99,11 @@ class NonFiniteModelError(MbnError):
 
 class LoweringError(MbnError):
     """A failure inside TVM after the ONNX import, with the phase that failed."""
+
+
+class CudaToolkitMissingError(CrossCompilerMissingError):
+    """No CUDA compiler of the major version a target must run on (nvcc or NVRTC from PyPI)."""
+
+
+class CudaCompileError(MbnError):
+    """nvcc or NVRTC rejected the generated CUDA source."""

@@ -19,7 +19,7 @@ ARCHES = ("x86_64", "aarch64")
 DEVICES = ("cpu", "cuda")
 RUNS = ("native", "qemu", "gpu")
 KINDS = {"cpu": ("llvm",), "cuda": ("cuda",)}     # the TVM target kind each device compiles with
-_STR_FIELDS = ("description", "cross_compiler", "cross_compiler_package", "cuda_arch")
+_STR_FIELDS = ("description", "cross_compiler", "cross_compiler_package", "cuda_arch", "cuda_toolkit")
 
 
 @dataclass(frozen=True)
