@@ -88,8 +88,13 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
         source.update({r["name"]: "tuned" for r in kernel_table(mod) if r["scheduled"]})
     if ctx.schedules == "ours":
         from . import schedules
+        choice = getattr(ctx, "kernel_timings", None)       # CUDA: ours or dlight, per kernel
         for gv, f in list(mod.functions.items()):
             if isinstance(f, tirx.PrimFunc) and not _scheduled(f):
+                pick, why = choice.pick(gv.name_hint) if choice else ("ours", "")
+                if pick == "dlight":
+                    source[gv.name_hint] = f"dlight:{why}"
+                    continue
                 r = schedules.default_schedule(f, ctx.target)
                 if r is not None:
                     fn = r[0]
@@ -98,7 +103,7 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
                         ms.postproc.RewriteLayout().apply(sch)      # what tuning's postproc does
                         fn = sch.mod["main"]
                     mod[gv] = fn
-                    source[gv.name_hint] = f"ours-default:{r[1]}"
+                    source[gv.name_hint] = f"ours-default:{r[1]}" + (f":{why}" if why else "")
     if ctx.device == "cuda":
         with ctx.target:
             mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
