@@ -309,25 +309,29 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
     target = spec.tvm_target()
     ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
                        layout=cfg.layout, database=database, propagate_nan=cfg.propagate_nan)
+    if spec.device == "cuda":
+        from .cuda import kernel_timings
+        ctx.kernel_timings = kernel_timings(spec, log)
     log(f"lower for {spec.name} ({spec.description})")
     mod = lower(onnx_model, ctx, dump_ir=cfg.dump_ir, log=log)
     log("compile")
     t0 = time.perf_counter()
     if spec.device == "cuda":
         from .cuda import compile_with_nvcc
-        with compile_with_nvcc(spec.cuda_arch):
+        with compile_with_nvcc(spec.cuda_arch, toolkit=spec.raw.get("cuda_toolkit"), log=log) as nv:
             ex = build_module(mod, ctx)
-            ex.export_library(str(tmp / LIB_FILE), cc=cc) if cc else ex.export_library(str(tmp / LIB_FILE))
+            nv.export_library(ex, tmp / LIB_FILE, **({"cc": cc} if cc else {}))
     else:
         ex = build_module(mod, ctx)
         ex.export_library(str(tmp / LIB_FILE), cc=cc) if cc else ex.export_library(str(tmp / LIB_FILE))
     compile_s = time.perf_counter() - t0
     gpu = None
     if spec.device == "cuda":
-        from .cuda import cuda_payloads, nvcc_version
+        from .cuda import cuda_payloads
         pay = cuda_payloads(tmp / LIB_FILE)
-        gpu = {"cuda_arch": spec.cuda_arch, "nvcc": nvcc_version(),
-               "kernel_formats": sorted({p.format for p in pay})}
+        gpu = {"cuda_arch": spec.cuda_arch, "toolkit": nv.toolkit.to_dict(),
+               "kernel_formats": sorted({p.format for p in pay}),
+               "archs": sorted({a for p in pay for a in p.archs})}
 
     labels_file = None
     if shape and y.shape[-1] == 1000 and (cfg.onnx or cfg.num_classes == 1000):

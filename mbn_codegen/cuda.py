@@ -1,29 +1,23 @@
-"""Deployable CUDA artifacts: GPU code compiled to a fatbin/cubin at build time, never CUDA source.
+"""Deployable CUDA artifacts: GPU code compiled to SASS at build time, never CUDA source.
 
-Why this module exists (TVM 0.27; the second point was run here, the first is read from the
-upstream source, whose strings match the installed libraries, and needs a driver to run):
+TVM 0.27 (read in support/nvcc.py and the codegen; the second point was run here):
+* Where the NVIDIA driver is loaded, codegen JIT-compiles the kernels at once through the global
+  `tvm_callback_cuda_compile(code) -> bytes` (tag "ptx" if the result starts with '/', else "cubin").
+* On a build machine without the driver, codegen keeps the CUDA *source* (tag "cuda") and never
+  calls the callback; the library would then need nvcc/NVRTC and the full tvm package on the board.
 
-* `target.build.cuda` (codegen) emits CUDA C++ and hands it to `ffi.Module.create.cuda`. That
-  factory lives in `libtvm_runtime_cuda.so`, which only loads where `libcuda.so.1` (the NVIDIA
-  driver) exists. There it JIT-compiles the source at once through the global
-  `tvm_callback_cuda_compile(code: str) -> bytes` and tags the result "ptx" (first byte '/') or
-  else "cubin" (a fatbin is tagged "cubin" too).
-* On a build machine without the driver the factory is missing, codegen builds a
-  `CUDAFallbackModuleNode` that keeps the *source* (format tag "cuda") and never calls the
-  callback (a registered callback saw 0 calls). The exported library then needs `tvm_callback_cuda_compile` (the full `tvm`
-  package plus NVRTC or nvcc) on the board, when it is loaded.
+`compile_with_nvcc(arch, toolkit=...)` registers the callback for its scope (first case) and yields
+a `DeviceCompiler` whose `export_library(ex, path)` packs the import blob through `pack_imports`,
+which compiles any module still holding source (second case). Both compile with TVM's own
+`tvm.support.nvcc.compile_cuda`:
+* the system nvcc (fatbin, SASS for exactly `arch`) when its major version is the one asked for;
+* else NVRTC of that major version from PyPI (cubin = SASS only), installed into
+  ~/.cache/mbn-codegen/cuda-<major> and run in a child process, since one process can load only
+  one cuda-bindings. PyPI's nvidia-cuda-nvcc-cu11/-cu12 ship ptxas but no nvcc, cudafe++ or
+  fatbinary, so NVRTC is the only older CUDA compiler it has.
 
-`compile_with_nvcc(arch)` covers both cases: it registers the callback (used where the driver is
-present) and, for the scope, makes `export_library` pack the CUDA modules through
-`NvccCompiler.pack_imports`, which compiles any module still holding source with nvcc for exactly
-`arch` and rewrites its serialized entry to format "fatbin". Outside the scope nothing changes.
-
-`module_binary_format` / `cuda_payloads` inspect what an executable, a module tree (also one
-loaded back) or an exported .so / .tar really carries, by parsing the serialized import blob
-(`__tvm_ffi__library_bin`), so they work on a machine with no GPU and without importing tvm for
-files.
-
-Layouts relied on (tvm-ffi library_module.cc and cuda_module.cc, checked against real output):
+Readers of what an artifact carries (`cuda_payloads`, `module_binary_format`) parse the import blob
+`__tvm_ffi__library_bin` themselves: TVM has no reader for a serialized blob in a file.
   blob   = <u64 nbytes> <vec<u64> indptr> <vec<u64> child_indices> {<str kind> [<bytes payload>]}*
            (kind "_lib" has no payload: the host shared library itself)
   "cuda" payload = <str fmt> <fmap: Map<str, FunctionInfo>> <bytes code>
@@ -34,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -46,81 +43,112 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ArtifactError, CrossCompilerMissingError, MbnError
+from .errors import ArtifactError, CrossCompilerMissingError, CudaCompileError, CudaToolkitMissingError
 
 CALLBACK_NAME = "tvm_callback_cuda_compile"
 LIBRARY_BIN_SYMBOL = "__tvm_ffi__library_bin"
 FATBIN_MAGIC = 0xBA55ED50
-EM_CUDA = 190
-_ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 190: "cuda"}
+_ELF_MACHINES = {"EM_386": "x86", "EM_ARM": "arm", "EM_X86_64": "x86_64", "EM_AARCH64": "aarch64",
+                 "EM_CUDA": "cuda", 190: "cuda"}
 # worst first: what module_binary_format reports when a tree mixes formats
 _FORMAT_RANK = {"cu": 0, "unknown": 1, "ptx": 2, "cubin": 3, "fatbin": 4}
 _NVCC_FIX = ("install the CUDA toolkit (NVIDIA's installer, or the Debian/Ubuntu package "
              "nvidia-cuda-toolkit) or set CUDA_PATH to a toolkit root that has bin/nvcc")
-
-
-class CudaCompileError(MbnError):
-    """nvcc rejected the generated CUDA source."""
+# NVRTC from PyPI per CUDA major: the compiler, the headers the generated code includes
+# (libcu++ from cccl, cuda_runtime.h that TVM checks for) and the bindings TVM calls it through.
+PYPI_TOOLKITS = {
+    "12": ("nvidia-cuda-nvrtc-cu12==12.9.86", "nvidia-cuda-cccl-cu12==12.9.27",
+           "nvidia-cuda-runtime-cu12==12.9.79", "cuda-bindings==12.9.6", "cuda-pathfinder==1.9.1"),
+    "11": ("nvidia-cuda-nvrtc-cu11==11.8.89", "nvidia-cuda-cccl-cu11==11.8.89.post1",
+           "nvidia-cuda-runtime-cu11==11.8.89", "cuda-bindings==11.8.7"),
+}
 
 
 # --------------------------------------------------------------------------------------------
-# nvcc discovery
+# toolkits
+
+
+@dataclass(frozen=True)
+class Toolkit:
+    major: str
+    version: str             # "13.0.88" (nvcc --version) or "12.9" (nvrtcVersion)
+    compiler: str            # "nvcc" or "nvrtc"
+    root: str                # CUDA_PATH for TVM's compile_cuda
+    path: str                # the nvcc binary, or the folder holding the PyPI packages
+
+    @property
+    def fmt(self) -> str:
+        return "fatbin" if self.compiler == "nvcc" else "cubin"
+
+    def to_dict(self) -> dict:
+        return {"major": self.major, "version": self.version, "compiler": self.compiler,
+                "path": self.path, "format": self.fmt}
+
+
+def cache_dir(major: str) -> Path:
+    base = os.environ.get("MBN_CUDA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mbn-codegen")
+    return Path(base) / f"cuda-{major}"
+
+
+def install_command(major: str) -> str:
+    return f"{sys.executable} -m mbn_codegen.cuda install {major}"
 
 
 def find_nvcc() -> str | None:
-    """Path of the nvcc to use, or None.
+    """The system nvcc: $CUDA_PATH/bin/nvcc when CUDA_PATH is set (an explicit choice), else the one
+    under TVM's find_cuda_path() (which follows `nvcc` on PATH), else /usr/local/cuda's."""
+    from ._tvm import tvm_nvcc
 
-    CUDA_PATH, when set, is an explicit choice and the only place looked at ($CUDA_PATH/bin/nvcc);
-    otherwise `nvcc` on PATH, then /usr/local/cuda/bin/nvcc.
-    """
-    cuda_path = os.environ.get("CUDA_PATH")
-    if cuda_path:
-        cand = Path(cuda_path) / "bin" / "nvcc"
-        return str(cand) if cand.is_file() and os.access(cand, os.X_OK) else None
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    cand = Path("/usr/local/cuda/bin/nvcc")
-    return str(cand) if cand.is_file() and os.access(cand, os.X_OK) else None
+    if os.environ.get("CUDA_PATH"):
+        roots = [os.environ["CUDA_PATH"]]
+    else:
+        roots = []
+        with contextlib.suppress(RuntimeError):
+            roots.append(tvm_nvcc.find_cuda_path())
+        roots.append("/usr/local/cuda")
+    for root in roots:
+        cand = Path(root) / "bin" / "nvcc"
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return None
 
 
 def require_nvcc() -> str:
-    """find_nvcc(), or CrossCompilerMissingError saying how to get one."""
     nvcc = find_nvcc()
     if nvcc is None:
         where = (f"CUDA_PATH={os.environ['CUDA_PATH']} has no executable bin/nvcc"
                  if os.environ.get("CUDA_PATH") else
                  "nvcc is not on PATH and /usr/local/cuda/bin/nvcc does not exist")
         raise CrossCompilerMissingError(
-            f"CUDA targets need nvcc to compile GPU kernels at build time, but {where}; "
-            f"{_NVCC_FIX}")
+            f"CUDA targets need nvcc to compile GPU kernels at build time, but {where}; {_NVCC_FIX}")
     return nvcc
-
-
-def nvcc_version(nvcc: str | None = None) -> str:
-    """'13.0.88' from `nvcc --version` ('13.0' when only the release is printed)."""
-    return _nvcc_version(nvcc or require_nvcc())
-
-
-def nvcc_gpu_codes(nvcc: str | None = None) -> tuple[str, ...]:
-    """Real architectures nvcc can emit SASS for (`nvcc --list-gpu-code`), e.g. ('sm_75', ...);
-    empty if this nvcc cannot list them (then the arch is checked by compiling)."""
-    return _nvcc_gpu_codes(nvcc or require_nvcc())
 
 
 @functools.lru_cache(maxsize=None)
 def _nvcc_version(nvcc: str) -> str:
-    out = _run([nvcc, "--version"]).stdout
-    m = re.search(r"\bV(\d+\.\d+(?:\.\d+)?)", out) or re.search(r"release (\d+\.\d+)", out)
-    if not m:
-        raise CrossCompilerMissingError(f"cannot read the version of {nvcc}: {out.strip()!r}")
-    return m.group(1)
+    from ._tvm import tvm_nvcc
+    # get_cuda_version reads <root>/version.txt first, which toolkits since 11.1 no longer ship
+    try:
+        return ".".join(map(str, tvm_nvcc.get_cuda_version(str(Path(nvcc).parent.parent))))
+    except (RuntimeError, StopIteration, ValueError) as e:
+        raise CrossCompilerMissingError(f"cannot read the version of {nvcc}: {e}") from None
+
+
+def nvcc_version(nvcc: str | None = None) -> str:
+    """'13.0.88' for the system nvcc (or `nvcc`)."""
+    return _nvcc_version(nvcc or require_nvcc())
 
 
 @functools.lru_cache(maxsize=None)
 def _nvcc_gpu_codes(nvcc: str) -> tuple[str, ...]:
     proc = _run([nvcc, "--list-gpu-code"], check=False)
     return tuple(w for w in proc.stdout.split() if re.fullmatch(r"sm_\d+[a-z]?", w))
+
+
+def nvcc_gpu_codes(nvcc: str | None = None) -> tuple[str, ...]:
+    """Real architectures nvcc can emit SASS for (`nvcc --list-gpu-code`); TVM has no such query."""
+    return _nvcc_gpu_codes(nvcc or require_nvcc())
 
 
 def _parse_arch(arch: str) -> tuple[str, str]:
@@ -143,75 +171,184 @@ def check_arch(arch: str, nvcc: str | None = None) -> str:
                    "Xavier)." if int(version.split(".")[0]) >= 13 else "")
         raise CrossCompilerMissingError(
             f"nvcc {version} ({nvcc}) cannot compile for {arch}: it targets only "
-            f"{', '.join(codes)}.{dropped} Build {arch} with a CUDA toolkit that supports it "
-            "(for a Jetson, the CUDA version of the board's JetPack) and point CUDA_PATH at it")
+            f"{', '.join(codes)}.{dropped} Set the target's cuda_toolkit to the CUDA major version "
+            "of the board (\"12\" for JetPack 6, \"11\" for JetPack 5): that builds with NVRTC from "
+            "PyPI")
     return nvcc
+
+
+def install_toolkit(major: str, log=print) -> Path:
+    """pip-installs NVRTC of CUDA `major` (PYPI_TOOLKITS) into cache_dir(major)."""
+    if major not in PYPI_TOOLKITS:
+        raise CudaToolkitMissingError(
+            f"no PyPI CUDA compiler is known for CUDA {major}: cuda_toolkit may be "
+            f"{', '.join(sorted(PYPI_TOOLKITS))} or the system nvcc's major version")
+    dest = cache_dir(major)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=_mkdir(dest.parent)))
+    log(f"installing CUDA {major} NVRTC from PyPI into {dest}")
+    proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                 "--disable-pip-version-check", "--target", str(tmp), *PYPI_TOOLKITS[major]], check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CudaToolkitMissingError(
+            f"could not install CUDA {major} NVRTC from PyPI (pip exit {proc.returncode}): "
+            f"{proc.stdout.strip()[-1500:]}\nRetry with network access: {install_command(major)}")
+    _include_root(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+    _include_root(dest)                # symlinks are absolute: remake them at the final place
+    return dest
+
+
+def _include_root(site: Path) -> Path:
+    """A CUDA_PATH-shaped folder (<root>/include) from the wheels' separate include folders."""
+    inc = site / "root" / "include"
+    shutil.rmtree(inc, ignore_errors=True)
+    inc.mkdir(parents=True)
+    for pkg in ("cuda_runtime", "cuda_cccl", "cuda_nvrtc"):
+        for f in (site / "nvidia" / pkg / "include").glob("*"):
+            if f.name not in ("__init__.py", "__pycache__") and not (inc / f.name).exists():
+                (inc / f.name).symlink_to(f)
+    return inc.parent
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def find_toolkit(major: str | None = None, *, install: bool | None = None, log=print) -> Toolkit:
+    """The CUDA compiler for a target that must run on CUDA `major` (None: the system nvcc's).
+
+    The system nvcc if its major version matches; else NVRTC from cache_dir(major), pip-installed
+    there first when `install` (default: unless MBN_CUDA_NO_INSTALL is set)."""
+    nvcc = find_nvcc()
+    if major is None or (nvcc is not None and nvcc_version(nvcc).split(".")[0] == str(major)):
+        return _nvcc_toolkit(require_nvcc())
+    major = str(major)
+    site = cache_dir(major)
+    if not (site / "root" / "include").is_dir():
+        if install is None:
+            install = not os.environ.get("MBN_CUDA_NO_INSTALL")
+        if not install or major not in PYPI_TOOLKITS:
+            have = f"the system nvcc is {nvcc_version(nvcc)}" if nvcc else "there is no system nvcc"
+            raise CudaToolkitMissingError(
+                f"this target must run on CUDA {major}, but {have} and {site} holds no CUDA {major} "
+                f"NVRTC; install it with `{install_command(major)}` (or point CUDA_PATH at a CUDA "
+                f"{major}.x toolkit)")
+        install_toolkit(major, log=log)
+    return Toolkit(major, _nvrtc_version(str(site)), "nvrtc", str(site / "root"), str(site))
+
+
+def _nvcc_toolkit(nvcc: str) -> Toolkit:
+    v = nvcc_version(nvcc)
+    return Toolkit(v.split(".")[0], v, "nvcc", str(Path(nvcc).parent.parent), nvcc)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc_version(site: str) -> str:
+    out = _nvrtc_child(site, ["version"]).stdout.strip().splitlines()
+    return out[-1] if out else "?"
+
+
+# Runs in a child with the PyPI packages first on sys.path: TVM's compile_cuda, through NVRTC.
+_NVRTC_CHILD = """
+import sys
+if sys.argv[1] == "version":
+    from cuda.bindings import nvrtc
+    _, major, minor = nvrtc.nvrtcVersion()
+    print(f"{major}.{minor}")
+else:
+    from mbn_codegen._tvm import Target, tvm_nvcc
+    src, arch, out = sys.argv[1:4]
+    with Target({"kind": "cuda", "arch": arch}):
+        data = tvm_nvcc.compile_cuda(open(src).read(), target_format="cubin", arch=arch, compiler="nvrtc")
+    open(out, "wb").write(data)
+"""
+
+
+def _nvrtc_child(site: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([site] + [p for p in sys.path if p])
+    env["CUDA_PATH"] = str(Path(site) / "root")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        [str(Path(site) / "nvidia" / "cuda_nvrtc" / "lib"), env.get("LD_LIBRARY_PATH", "")])
+    # NVRTC 11.8 does not default to C++17 for libcu++ 1.9 (its __config fails without it);
+    # compile_cuda drops -std from `options`, but appends this variable's flags as they are
+    env["TVM_CUDA_NVRTC_EXTRA_OPTS"] = (env.get("TVM_CUDA_NVRTC_EXTRA_OPTS", "") + " -std=c++17").strip()
+    return subprocess.run([sys.executable, "-c", _NVRTC_CHILD, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
 
 
 # --------------------------------------------------------------------------------------------
 # compiling
 
+_path_lock = threading.Lock()
 
-class NvccCompiler:
-    """nvcc for one arch: compile(source) -> fatbin/cubin bytes, plus the TVM hooks that use it."""
 
-    def __init__(self, arch: str, nvcc: str | None = None, fmt: str = "fatbin",
-                 options: tuple[str, ...] | list[str] = ()):
-        if fmt not in ("fatbin", "cubin"):
-            raise ValueError(f"fmt must be 'fatbin' or 'cubin', not {fmt!r}")
+class DeviceCompiler:
+    """Compiles CUDA source for one arch with one toolkit; plus the TVM hooks that use it."""
+
+    def __init__(self, arch: str, toolkit: Toolkit | None = None):
         self.arch = str(arch).strip()
-        self.nvcc = check_arch(self.arch, nvcc)
-        self.version = nvcc_version(self.nvcc)
-        self.fmt = fmt
-        self.options = list(options)
-        self.compiled = 0            # nvcc runs (cache misses)
-        self.seconds = 0.0           # total nvcc wall time
+        _parse_arch(self.arch)
+        self.toolkit = toolkit or find_toolkit(None)
+        if self.toolkit.compiler == "nvcc":
+            check_arch(self.arch, self.toolkit.path)
+        self.fmt = self.toolkit.fmt
+        self.version = self.toolkit.version
+        self.compiled = 0            # compiler runs (cache misses)
+        self.seconds = 0.0
         self._cache: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def command(self, src: str, out: str) -> list[str]:
-        number, suffix = _parse_arch(self.arch)
-        # The same flags tvm.support.nvcc._compile_cuda_nvcc uses (minus ptxas -v chatter), but an
-        # explicit -gencode for exactly this arch: SASS only, no PTX for other GPUs.
-        cmd = [self.nvcc, f"--{self.fmt}", "-O3",
-               "-gencode", f"arch=compute_{number}{suffix},code=sm_{number}{suffix}",
-               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-               "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-               "--expt-relaxed-constexpr", "--expt-extended-lambda"]
-        if not os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH"):
-            cmd.append("--use_fast_math")
-        return cmd + self.options + ["-o", out, src]
-
     def compile(self, source: str | bytes) -> bytes:
-        """CUDA C++ source -> fatbin (or cubin) bytes for self.arch; cached by source hash."""
-        if isinstance(source, str):
-            source = source.encode()
-        key = hashlib.sha256(source).hexdigest()
+        """CUDA C++ source -> fatbin (nvcc) or cubin (NVRTC) for self.arch; cached by source hash."""
+        if isinstance(source, bytes):
+            source = source.decode()
+        key = hashlib.sha256(source.encode()).hexdigest()
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        with tempfile.TemporaryDirectory(prefix="mbn-nvcc-") as tmp:
-            src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, f"kernels.{self.fmt}")
-            Path(src).write_bytes(source)
-            t0 = time.perf_counter()
-            proc = _run(self.command(src, out), check=False)
-            dt = time.perf_counter() - t0
-            if proc.returncode != 0 or not os.path.isfile(out) or os.path.getsize(out) == 0:
-                raise CudaCompileError(
-                    f"nvcc {self.version} failed to compile the generated CUDA source for "
-                    f"{self.arch} (exit {proc.returncode}); command: {' '.join(proc.args)}\n"
-                    f"{proc.stdout.strip()[-4000:]}")
-            data = Path(out).read_bytes()
+        t0 = time.perf_counter()
+        data = self._nvcc(source) if self.toolkit.compiler == "nvcc" else self._nvrtc(source)
         with self._lock:
             self._cache[key] = data
             self.compiled += 1
-            self.seconds += dt
+            self.seconds += time.perf_counter() - t0
         return data
 
-    # -- hook 1: the compile callback (used by codegen/loading where libcuda.so.1 exists) --------
+    def _nvcc(self, source: str) -> bytes:
+        from ._tvm import Target, tvm_nvcc
+
+        number, suffix = _parse_arch(self.arch)
+        gencode = ["-gencode", f"arch=compute_{number}{suffix},code=sm_{number}{suffix}"]   # SASS only
+        # compile_cuda runs "nvcc" from PATH: put the chosen toolkit's first while it runs
+        with _path_lock, _env(PATH=os.pathsep.join([str(Path(self.toolkit.path).parent),
+                                                    os.environ.get("PATH", "")])), \
+                Target({"kind": "cuda", "arch": self.arch}):
+            try:
+                return bytes(tvm_nvcc.compile_cuda(source, target_format="fatbin", arch=gencode,
+                                                   compiler="nvcc"))
+            except RuntimeError as e:
+                tail = str(e).split("Compilation error:")[-1].strip()[-4000:]
+                raise CudaCompileError(
+                    f"nvcc {self.version} failed to compile the generated CUDA source for "
+                    f"{self.arch}:\n{tail}") from None
+
+    def _nvrtc(self, source: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="mbn-nvrtc-") as tmp:
+            src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.cubin")
+            Path(src).write_text(source)
+            proc = _nvrtc_child(self.toolkit.path, [src, self.arch, out])
+            if proc.returncode != 0 or not os.path.isfile(out):
+                raise CudaCompileError(
+                    f"NVRTC {self.version} ({self.toolkit.path}) failed to compile the generated CUDA "
+                    f"source for {self.arch} (exit {proc.returncode}):\n{proc.stdout.strip()[-4000:]}")
+            return Path(out).read_bytes()
+
+    # -- hook 1: the compile callback (called by codegen where libcuda.so.1 exists) --------------
     def callback(self, code, *_unused) -> bytearray:
-        """Body for `tvm_callback_cuda_compile`; TVM 0.27 calls it with the source only."""
         return bytearray(self.compile(str(code)))
 
     # -- hook 2: export_library(fpack_imports=...) ------------------------------------------------
@@ -228,8 +365,8 @@ class NvccCompiler:
         return _build_blob(indptr, children, out)
 
     def pack_imports(self, mod, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
-        """`fpack_imports` for Module.export_library: the default LLVM blob packing, after
-        compiling CUDA source modules with nvcc."""
+        """`fpack_imports` for Module.export_library: TVM's default LLVM blob packing, after
+        compiling CUDA source modules."""
         import tvm_ffi
 
         pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
@@ -256,49 +393,110 @@ class NvccCompiler:
         return mod.export_library(str(file_name), **kwargs)
 
 
+NvccCompiler = DeviceCompiler
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 _scope_lock = threading.RLock()
 
 
 @contextlib.contextmanager
-def compile_with_nvcc(arch: str, *, nvcc: str | None = None, fmt: str = "fatbin",
-                      options: tuple[str, ...] | list[str] = ()):
-    """Scope in which TVM's CUDA kernels are compiled with nvcc for exactly `arch`.
+def compile_with_nvcc(arch: str, *, toolkit: str | None = None, nvcc: str | None = None, log=print):
+    """Scope in which TVM's CUDA kernels are compiled for exactly `arch` by the toolkit of CUDA
+    major version `toolkit` (None: the system nvcc; see find_toolkit).
 
-        with compile_with_nvcc("sm_87") as nv:
+        with compile_with_nvcc("sm_87", toolkit="12") as nv:
             ex = tvm.compile(mod, target=orin)
-            ex.export_library("m.so", cc="aarch64-linux-gnu-g++")   # holds an sm_87 fatbin
+            nv.export_library(ex, "m.so", cc="aarch64-linux-gnu-g++")   # holds sm_87 SASS
 
-    Raises CrossCompilerMissingError up front when nvcc is missing or cannot target `arch`.
-    Registers `tvm_callback_cuda_compile` (override) and makes `export_library` default to
-    `fpack_imports=nv.pack_imports`; on exit both are restored to what was there before (the
-    callback that `tvm.support.nvcc` registers at import, or whatever else was registered).
-    """
-    compiler = NvccCompiler(arch, nvcc=nvcc, fmt=fmt, options=options)
-    from ._tvm import tvm, tvm_ffi   # checks the tvm / tvm-ffi pair
+    Raises CrossCompilerMissingError / CudaToolkitMissingError up front. Registers
+    `tvm_callback_cuda_compile` (codegen calls it where the driver is loaded) and restores the one
+    before (tvm.support.nvcc's) on exit."""
+    from ._tvm import tvm_ffi   # checks the tvm / tvm-ffi pair
 
-    Module = tvm.runtime.module.Module
-
+    compiler = DeviceCompiler(arch, _nvcc_toolkit(nvcc) if nvcc else find_toolkit(toolkit, log=log))
     with _scope_lock:
         prev_cb = tvm_ffi.get_global_func(CALLBACK_NAME, allow_missing=True)
-        prev_export = Module.__dict__["export_library"]
-
-        @functools.wraps(prev_export)
-        def export_library(self, file_name, *args, **kwargs):
-            if kwargs.get("fpack_imports") is None:
-                kwargs["fpack_imports"] = compiler.pack_imports
-            return prev_export(self, file_name, *args, **kwargs)
-
         tvm_ffi.register_global_func(CALLBACK_NAME, compiler.callback, override=True)
-        Module.export_library = export_library
     try:
         yield compiler
     finally:
         with _scope_lock:
-            Module.export_library = prev_export
             if prev_cb is not None:
                 tvm_ffi.register_global_func(CALLBACK_NAME, prev_cb, override=True)
             else:
                 tvm_ffi.remove_global_func(CALLBACK_NAME)
+
+
+# --------------------------------------------------------------------------------------------
+# per-kernel choice between our CUDA schedules and dlight
+
+TIMINGS_FILE = "kernel_timings.json"      # written by scripts/gpu_check.py
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which schedule each CUDA kernel gets: `forced` ("ours"/"dlight") for every kernel, else
+    the faster one where `timings` (kernel -> {"ours_ms", "dlight_ms"}) measured both, else ours."""
+    timings: dict
+    forced: str = ""
+    path: str = ""
+
+    def pick(self, name: str) -> tuple[str, str]:
+        """("ours" | "dlight", why) for kernel `name`; why is "" when nothing was measured."""
+        if self.forced:
+            return self.forced, "forced"
+        t = self.timings.get(name)
+        if not t or not isinstance(t.get("ours_ms"), (int, float)) or not isinstance(t.get("dlight_ms"), (int, float)):
+            return "ours", ""
+        return ("dlight" if t["dlight_ms"] < t["ours_ms"] else "ours"), "measured"
+
+
+def timings_path(spec) -> Path:
+    from mbn_codegen import targets
+    return Path(os.environ.get("MBN_CUDA_KERNEL_TIMINGS") or
+                targets.HERE / "databases" / spec.name / TIMINGS_FILE)
+
+
+def kernel_timings(spec, log=print) -> KernelChoice:
+    """The KernelChoice for a CUDA build of `spec`: MBN_CUDA_KERNELS=ours|dlight forces one
+    side; otherwise GPU timings from timings_path(spec) when they were measured on its arch."""
+    forced = os.environ.get("MBN_CUDA_KERNELS", "").strip()
+    if forced:
+        if forced not in ("ours", "dlight"):
+            raise CudaCompileError(f"MBN_CUDA_KERNELS={forced!r}: expected 'ours' or 'dlight' "
+                                   "(or unset, to pick per kernel from GPU timings)")
+        log(f"CUDA kernels: {forced} for every kernel (MBN_CUDA_KERNELS)")
+        return KernelChoice({}, forced)
+    path = timings_path(spec)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        log(f"CUDA kernels: no GPU timings at {path}; our schedules where they apply, dlight elsewhere")
+        return KernelChoice({})
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a kernel timings JSON ({e}); delete it or rerun "
+                            "`make gpu-check`") from None
+    if doc.get("arch") != spec.cuda_arch or not isinstance(doc.get("kernels"), dict):
+        log(f"CUDA kernels: timings at {path} are for {doc.get('arch')!r}, not {spec.cuda_arch}: "
+            "not used; our schedules where they apply, dlight elsewhere")
+        return KernelChoice({})
+    log(f"CUDA kernels: the faster of ours / dlight per kernel, from {path} "
+        f"({len(doc['kernels'])} kernels measured on {doc.get('device', '?')})")
+    return KernelChoice(doc["kernels"], path=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,20 +550,33 @@ def module_binary_format(obj) -> str:
 def elf_machine(path: str | os.PathLike) -> str:
     """'aarch64', 'x86_64', ... from an ELF file's e_machine."""
     with open(path, "rb") as f:
-        head = f.read(20)
-    if head[:4] != b"\x7fELF":
-        raise ArtifactError(f"{path} is not an ELF file")
-    fmt = "<H" if head[5] == 1 else ">H"
-    (machine,) = struct.unpack_from(fmt, head, 18)
-    return _ELF_MACHINES.get(machine, str(machine))
+        return _elf_machine(_elf(f.read(), str(path)))
+
+
+def _elf(data: bytes, what: str = "data"):
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    if data[:4] != b"\x7fELF":
+        raise ArtifactError(f"{what} is not an ELF file")
+    try:
+        return ELFFile(io.BytesIO(data))
+    except (ELFError, struct.error) as e:
+        raise ArtifactError(f"{what} is a malformed ELF file ({e})") from None
+
+
+def _elf_machine(elf) -> str:
+    m = elf.header["e_machine"]
+    return _ELF_MACHINES.get(m, str(m))
 
 
 def payload_format(code: bytes, tag: str = "") -> str:
     if len(code) >= 4 and struct.unpack_from("<I", code)[0] == FATBIN_MAGIC:
         return "fatbin"
-    if code[:4] == b"\x7fELF" and len(code) >= 20 \
-            and struct.unpack_from("<H", code, 18)[0] == EM_CUDA:
-        return "cubin"
+    if code[:4] == b"\x7fELF":
+        with contextlib.suppress(ArtifactError):
+            if _elf_machine(_elf(code)) == "cuda":
+                return "cubin"
     head = code[:4096]
     if b".target sm_" in head or (head.lstrip().startswith(b"//") and b".version" in head):
         return "ptx"
@@ -381,6 +592,7 @@ def payload_archs(code: bytes) -> tuple[str, ...]:
     if fmt != "fatbin":
         return ()
     archs = []
+    # no library reads fatbin containers (cuobjdump is not on PyPI for CUDA 11/12), so by hand:
     # fatbin: <u32 magic> <u16 version> <u16 header_size> <u64 size>, then entries of
     # <u16 kind (1 PTX, 2 ELF)> <u16 ver> <u32 header_size> <u64 padded_payload> ... <u32 sm @0x1c>
     _, _, hsize, total = struct.unpack_from("<IHHQ", code, 0)
@@ -414,9 +626,16 @@ def _name(obj) -> str:
 def _cubin_arch(code: bytes) -> str:
     # CUDA 13 cubins (EI_OSABI 0x41, EI_ABIVERSION >= 8) keep the SM in e_flags bits 8..15;
     # older ones (OSABI 0x33, ABI version 7) in bits 0..7.
-    (flags,) = struct.unpack_from("<I", code, 0x30)
-    sm = (flags >> 8) & 0xFF if code[8] >= 8 or code[7] == 0x41 else flags & 0xFF
+    h = _elf(code, "cubin").header
+    flags, abi = h["e_flags"], h["e_ident"]["EI_ABIVERSION"]
+    sm = (flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF
     return f"sm_{sm}"
+
+
+def cubin_abi_version(code: bytes) -> int:
+    """A cubin's EI_ABIVERSION: 7 from CUDA 11/12 compilers, 8 from CUDA 13 (which drivers
+    older than CUDA 13 cannot load)."""
+    return int(_elf(code, "cubin").header["e_ident"]["EI_ABIVERSION"])
 
 
 def _describe(payload: bytes) -> CudaPayload:
@@ -515,30 +734,42 @@ def _blob_cuda(blob: bytes) -> list[bytes]:
 
 
 def _elf_symbol_bytes(data: bytes, name: str) -> bytes | None:
-    """Bytes from symbol `name` to the end of its section, in a 64-bit little-endian ELF (.so or
-    .o); None if there is no such symbol."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ArtifactError("only 64-bit little-endian ELF files are supported")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
-                for i in range(shnum)]
-    target = name.encode()
-    for sh in sections:
-        if sh[1] not in (2, 11):                            # SHT_SYMTAB, SHT_DYNSYM
+    """Bytes from symbol `name` to the end of its section (.so or .o); None if there is none."""
+    from elftools.elf.sections import SymbolTableSection
+
+    elf = _elf(data)
+    for sec in elf.iter_sections():
+        if not isinstance(sec, SymbolTableSection):
             continue
-        strtab = sections[sh[6]]
-        str_off = strtab[4]
-        for off in range(sh[4], sh[4] + sh[5], 24):
-            st_name, _info, _other, shndx, value, _size = struct.unpack_from("<IBBHQQ", data, off)
-            if shndx == 0 or shndx >= len(sections):
+        for sym in sec.get_symbol_by_name(name) or ():
+            shndx = sym["st_shndx"]
+            if not isinstance(shndx, int) or shndx == 0:
                 continue
-            s = str_off + st_name
-            if data[s: s + len(target) + 1] != target + b"\0":
-                continue
-            sec = sections[shndx]
-            if sec[1] == 8:                                 # SHT_NOBITS
+            home = elf.get_section(shndx)
+            if home["sh_type"] == "SHT_NOBITS":
                 raise ArtifactError(f"symbol {name} lives in a NOBITS section")
-            start = sec[4] + (value - sec[3])       # file offset = sh_offset + (value - sh_addr)
-            return data[start: sec[4] + sec[5]]
+            start = home["sh_offset"] + (sym["st_value"] - home["sh_addr"])
+            return data[start: home["sh_offset"] + home["sh_size"]]
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m mbn_codegen.cuda install <major>: NVRTC of that CUDA into the cache."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mbn_codegen.cuda")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    inst = sub.add_parser("install", help="pip-install CUDA <major>'s NVRTC into " + str(cache_dir("<major>")))
+    inst.add_argument("major", choices=sorted(PYPI_TOOLKITS))
+    args = ap.parse_args(argv)
+    try:
+        site = install_toolkit(args.major)
+        print(f"CUDA {args.major} NVRTC {_nvrtc_version(str(site))} in {site}")
+    except CudaToolkitMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ package on the board). mbn_codegen.cuda.compile_with_nvcc compiles them with nvc
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -96,21 +97,29 @@ def reference(x: np.ndarray) -> np.ndarray:
     return np.maximum(pw, 0.0)[None]
 
 
-def build(target: dict, path, cc: str | None):
-    """tvm.compile + export_library under compile_with_nvcc; returns (executable, compiler, s)."""
+def build(target: dict, path, cc: str | None, toolkit: str | None = None):
+    """tvm.compile + export under compile_with_nvcc; returns (executable, compiler, s)."""
     from mbn_codegen._tvm import Target, tvm
 
     mod = tiny_relax()
     t0 = time.perf_counter()
-    with cuda.compile_with_nvcc(target["arch"]) as nv:
+    with cuda.compile_with_nvcc(target["arch"], toolkit=toolkit) as nv:
         ex = tvm.compile(mod, target=Target(target))
-        ex.export_library(str(path), **({"cc": cc} if cc else {}))
+        nv.export_library(ex, path, **({"cc": cc} if cc else {}))
     return ex, nv, time.perf_counter() - t0
 
 
-def _assert_binary_artifact(path, arch: str, machine: str):
+def pypi_toolkit(major: str) -> cuda.Toolkit:
+    """CUDA `major`'s NVRTC from the cache, installed on first use; skips if pip cannot reach it."""
+    try:
+        return cuda.find_toolkit(major, log=lambda s: None)
+    except cuda.CudaToolkitMissingError as e:
+        pytest.skip(f"CUDA {major} NVRTC could not be installed from PyPI: {str(e)[:300]}")
+
+
+def _assert_binary_artifact(path, arch: str, machine: str, fmt: str = "fatbin"):
     assert cuda.elf_machine(path) == machine
-    assert cuda.module_binary_format(path) == "fatbin"
+    assert cuda.module_binary_format(path) == fmt
     payloads = cuda.cuda_payloads(path)
     assert payloads and all(p.archs == (arch,) for p in payloads), payloads
     data = open(path, "rb").read()
@@ -149,6 +158,17 @@ def test_missing_nvcc_names_the_fix(monkeypatch, tmp_path):
             pass
 
 
+def test_missing_pypi_toolkit_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBN_CUDA_CACHE", str(tmp_path))
+    monkeypatch.setenv("MBN_CUDA_NO_INSTALL", "1")
+    with pytest.raises(cuda.CudaToolkitMissingError) as e:
+        cuda.find_toolkit("11")
+    msg = str(e.value)
+    assert "-m mbn_codegen.cuda install 11" in msg and str(tmp_path / "cuda-11") in msg
+    with pytest.raises(cuda.CudaToolkitMissingError, match="cuda_toolkit may be"):
+        cuda.install_toolkit("10")
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_53", "sm_72"])
 def test_arch_nvcc_cannot_target(arch):
@@ -184,7 +204,7 @@ def test_scope_registers_and_restores_callback():
             binary = bytes(tvm_ffi.get_global_func(name)(kernel))
             assert cuda.payload_format(binary) == "fatbin"
             assert cuda.payload_archs(binary) == ("sm_87",)
-            assert tvm.runtime.module.Module.export_library is not export
+            assert tvm.runtime.module.Module.export_library is export      # nothing patched
         assert bytes(tvm_ffi.get_global_func(name)("x")) == b"sentinel"
         assert tvm.runtime.module.Module.export_library is export
     finally:
@@ -270,3 +290,61 @@ def test_x86_cuda_artifact_runs_on_gpu(tmp_path):
                                    rtol=1e-4, atol=1e-4)
         outs.append(got)
     assert np.abs(outs[0] - outs[1]).max() > 1e-2, "outputs do not depend on the input"
+
+
+# --------------------------------------------------------------------------------------------
+# Jetson: CUDA 12 (JetPack 6) and CUDA 11 (JetPack 5) through NVRTC from PyPI
+
+
+@needs_aarch64_cxx
+@pytest.mark.parametrize("major,arch", [("12", "sm_87"), ("11", "sm_87"), ("11", "sm_72")])
+def test_jetson_artifact_holds_sass_of_the_boards_cuda(tmp_path, major, arch):
+    tk = pypi_toolkit(major)
+    assert tk.compiler == "nvrtc" and tk.version.startswith(major + ".")
+    path = tmp_path / "jetson.so"
+    target = dict(ORIN, arch=arch)
+    _ex, nv, seconds = build(target, path, AARCH64_CXX, toolkit=major)
+    _assert_binary_artifact(path, arch, "aarch64", fmt="cubin")
+    (payload,) = cuda._file_cuda_payloads(path)
+    _tag, _fmap, code = cuda._split_cuda_payload(payload)
+    # from the bytes: ELF ABI 7 (CUDA 11/12; CUDA 13 writes 8, which JetPack's drivers refuse),
+    # SASS only (a cubin has no PTX), for exactly the board's arch
+    assert cuda.cubin_abi_version(code) == 7
+    assert b".version" not in code and b".target" not in code
+    assert nv.toolkit.version == tk.version
+    print(f"CUDA {tk.version} NVRTC {arch}/aarch64 build+export {seconds:.2f}s, compile {nv.seconds:.2f}s")
+
+
+@pytest.mark.parametrize("name,major,arch", [("jetson-orin", "12", "sm_87"),
+                                             ("jetson-orin-jp5", "11", "sm_87"),
+                                             ("jetson-xavier", "11", "sm_72")])
+def test_jetson_targets_name_the_boards_cuda(name, major, arch):
+    from mbn_codegen import targets
+
+    spec = targets.load(name)
+    assert spec.raw["cuda_toolkit"] == major and spec.cuda_arch == arch == spec.target["arch"]
+
+
+def test_kernel_choice_from_timings(tmp_path, monkeypatch):
+    from mbn_codegen import targets
+
+    spec = targets.load("cuda")
+    path = tmp_path / "t.json"
+    monkeypatch.setenv("MBN_CUDA_KERNEL_TIMINGS", str(path))
+    logs = []
+    assert cuda.kernel_timings(spec, logs.append).pick("k") == ("ours", "")
+    assert "no GPU timings" in logs[-1]
+    path.write_text(json.dumps({"arch": "sm_80", "kernels": {"k": {"ours_ms": 2, "dlight_ms": 1}}}))
+    assert cuda.kernel_timings(spec, logs.append).pick("k") == ("ours", "")
+    assert "not used" in logs[-1]
+    path.write_text(json.dumps({"arch": spec.cuda_arch, "device": "H100",
+                                "kernels": {"a": {"ours_ms": 2.0, "dlight_ms": 1.0},
+                                            "b": {"ours_ms": 1.0, "dlight_ms": 3.0}}}))
+    c = cuda.kernel_timings(spec, logs.append)
+    assert c.pick("a") == ("dlight", "measured") and c.pick("b") == ("ours", "measured")
+    assert c.pick("unmeasured") == ("ours", "")
+    monkeypatch.setenv("MBN_CUDA_KERNELS", "dlight")
+    assert cuda.kernel_timings(spec, logs.append).pick("b") == ("dlight", "forced")
+    monkeypatch.setenv("MBN_CUDA_KERNELS", "fastest")
+    with pytest.raises(cuda.CudaCompileError, match="MBN_CUDA_KERNELS"):
+        cuda.kernel_timings(spec, logs.append)
