@@ -2,22 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
 
+from ..bundle import compiler_missing
 from ..errors import MbnError
-from . import bench, build, cost, demo, run, targets_cmd, tune
 
-COMMANDS = {"build": build, "tune": tune, "bench": bench, "cost": cost, "run": run, "demo": demo, "targets": targets_cmd}
+# command -> module in this package, imported one by one so that a runtime-only install (no
+# `compile` extra) still runs `run` and `bundle` and names the extra for the others
+COMMANDS = {"build": "build", "tune": "tune", "bench": "bench", "cost": "cost", "run": "run", "demo": "demo",
+            "targets": "targets_cmd", "bundle": "bundle"}
+_modules: dict = {}
+_missing: dict[str, MbnError] = {}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mbn-codegen", description=__doc__.split(":", 1)[1].strip()
                                 + ". MobileNet -> ONNX -> TVM Relax -> native library.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, mod in COMMANDS.items():
-        mod.add_parser(sub)
+    for name, module in COMMANDS.items():
+        try:
+            _modules[name] = importlib.import_module(f".{module}", __package__)
+        except ImportError as e:
+            if (err := compiler_missing(e)) is None:
+                raise
+            _missing[name] = err
+            sub.add_parser(name, help="(needs the compile extra)", add_help=False).add_argument(
+                "rest", nargs=argparse.REMAINDER)
+            continue
+        _modules[name].add_parser(sub)
     return p
 
 
@@ -26,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     seen = _SigintSeen()
     try:
         with seen:
-            return COMMANDS[args.command].main(args) or 0
+            if args.command in _missing:
+                raise _missing[args.command]
+            try:
+                return _modules[args.command].main(args) or 0
+            except ImportError as e:
+                if (err := compiler_missing(e)) is None:
+                    raise
+                raise err from None
     except MbnError as e:
         if seen.hit:
             return _interrupted(args.command)
