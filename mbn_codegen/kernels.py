@@ -1,31 +1,15 @@
 """Which schedule serves each kernel: classification of fused PrimFuncs and the schedule phase."""
 from __future__ import annotations
 
-from ._tvm import IRModule, Schedule, dlight, find_anchor_sblock, ms, relax, tirx, tvm
+from ._tvm import IRModule, Schedule, dlight, ms, relax, tirx, tvm
+from . import schedules
+from .schedules import analyze
 
 
 def conv_kind(func) -> str | None:
-    """'depthwise' | 'pointwise' | 'conv' | 'dense' | 'pool' | None, from the anchor block."""
-    try:
-        b = find_anchor_sblock(IRModule({"main": func}))
-    except Exception:
-        return None
-    if b is None:
-        return None
-    name = b.name_hint
-    if "conv2d" in name and len(b.iter_vars) == 7:
-        ext = {}
-        for iv in b.iter_vars:
-            nm = iv.var.name.lstrip("v_")
-            ext[nm[-2:]] = int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else -1
-        if name.startswith("group_conv2d") and ext.get("rc") == 1:
-            return "depthwise"
-        return "pointwise" if ext.get("ry") == ext.get("rx") == 1 else "conv"
-    if "matmul" in name or "dense" in name:
-        return "dense"
-    if "sum" in name or "mean" in name or "pool" in name:
-        return "pool"
-    return None
+    """'depthwise' | 'pointwise' | 'conv' | 'grouped' | 'dense' | 'reduction' | None."""
+    info = analyze(func)
+    return None if info is None else info["kind"]
 
 
 def _scheduled(f) -> bool:
@@ -87,7 +71,6 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         source.update({r["name"]: "tuned" for r in kernel_table(mod) if r["scheduled"]})
     if ctx.schedules == "ours":
-        from . import schedules
         choice = getattr(ctx, "kernel_timings", None)       # CUDA: ours or dlight, per kernel
         for gv, f in list(mod.functions.items()):
             if isinstance(f, tirx.PrimFunc) and not _scheduled(f):

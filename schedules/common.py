@@ -2,7 +2,9 @@
 either sample a knob (under tuning) or take a given decision (our untuned defaults)."""
 from __future__ import annotations
 
-from mbn_codegen._tvm import IRModule, find_anchor_sblock, target_has_features, tirx
+from mbn_codegen._tvm import Schedule, dlight, target_has_features
+
+from .analysis import analyze
 
 
 def simd(target) -> tuple[int, int]:
@@ -25,24 +27,69 @@ def vector_lanes(target) -> int:
 
 
 def conv_info(func) -> dict | None:
-    """For a fused PrimFunc around an NHWC conv2d: the anchor block name, the extents of its
-    iter vars by role, and whether it is depthwise. None for anything else."""
-    try:
-        b = find_anchor_sblock(IRModule({"main": func}))
-    except Exception:
+    """The analysis of an NHWC conv kernel that our CPU/CUDA schedules take; None otherwise."""
+    info = analyze(func)
+    if info is None or info.get("layout") != "NHWC" or info["kind"] not in ("depthwise", "pointwise", "conv"):
         return None
-    if b is None or not b.name_hint.endswith("conv2d_nhwc") or len(b.iter_vars) != 7:
-        return None
-    ext = {}
-    for iv, role in zip(b.iter_vars, ("n", "y", "x", "f", "ry", "rx", "rc")):
-        if not isinstance(iv.dom.extent, tirx.IntImm):
+    return info
+
+
+class Rule(dlight.ScheduleRule):
+    """A schedule rule on dlight's interface, `apply(func, target, tunable)`: untunable, one
+    schedule at our default knobs; tunable, one schedule per design space with the knobs left to
+    sample. `design_space` does the same on a schedule MetaSchedule hands in (a ScheduleFn), so
+    a default is always a point of the tuned space.
+    Subclasses give `name`, `matches(info)`, `spaces(info, target)` -> [(name, fn(sch, block,
+    knobs))] and `default_knobs(info, target)` -> (index of the space, knobs)."""
+    name = "rule"
+
+    def matches(self, info: dict) -> bool:
+        raise NotImplementedError
+
+    def spaces(self, info: dict, target) -> list:
+        raise NotImplementedError
+
+    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
+        raise NotImplementedError
+
+    def analyze(self, func) -> dict | None:
+        info = analyze(func)
+        return info if info is not None and self.matches(info) else None
+
+    def apply(self, func, target, tunable: bool):
+        info = self.analyze(func)
+        if info is None:
             return None
-        ext[role] = int(iv.dom.extent)
-    depthwise = b.name_hint.startswith("group_conv2d") and ext["rc"] == 1
-    if b.name_hint.startswith("group_conv2d") and not depthwise:
-        return None                        # grouped but not depthwise: not ours
-    kind = "depthwise" if depthwise else ("pointwise" if ext["ry"] == ext["rx"] == 1 else "conv")
-    return {"block": b.name_hint, "kind": kind, **ext}
+        spaces = self.spaces(info, target)
+        if not tunable:
+            i, knobs = self.default_knobs(info, target)
+            sch = Schedule(func)
+            spaces[i][1](sch, sch.get_sblock(info["block"]), knobs)
+            return sch
+        out = []
+        for _, fn in spaces:
+            sch = Schedule(func)
+            fn(sch, sch.get_sblock(info["block"]), None)
+            out.append(sch)
+        return out
+
+    def space_name(self, func, target) -> str:
+        info = self.analyze(func)
+        return self.spaces(info, target)[self.default_knobs(info, target)[0]][0]
+
+    def design_space(self, sch, target) -> list:
+        info = self.analyze(sch.mod["main"])
+        out = []
+        for _, fn in self.spaces(info, target):
+            s = sch.copy()
+            s.seed(sch.fork_seed())
+            fn(s, s.get_sblock(info["block"]), None)
+            out.append(s)
+        return out
+
+
+def is_cuda(target) -> bool:
+    return target.kind.name == "cuda"
 
 
 def largest_divisor(n: int, at_most: int) -> int:
@@ -104,3 +151,26 @@ def cpu_conv_prologue(sch, block, rule: str, lanes: int, k: dict):
     fo, fv = sch.split(f, [None, v])
     f0, f1 = tile(sch, fo, 2, 4, k.get("f"))
     return out, v, (n, y, x0, x1, f0, f1, fv, ry, rx, rc)
+
+
+def cuda_prologue(sch, block, rule: str):
+    """The shared start of our CUDA schedules: mark the block (the marker survives into the built
+    IR, proof of use), inline the padding, fuse the epilogue. Returns the epilogue block."""
+    sch.annotate(block, "mbn_schedule", rule)
+    inline_producers(sch, block)
+    return fuse_epilogue(sch, block)
+
+
+def cuda_accumulate(sch, block, out, thread_loop, reduce_loop) -> None:
+    """The shared end: accumulators in registers, the epilogue computed by the thread that owns
+    the output before its single store, and the init hoisted above the reduction."""
+    sch.set_scope(block, 0, "local")
+    if out is not None:
+        sch.reverse_compute_at(out, thread_loop, preserve_unit_loops=True)
+    sch.decompose_reduction(block, reduce_loop)
+
+
+def cpu_epilogue(sch, out, v: int) -> None:
+    """The fused bias/ReLU epilogue, vectorised along the output channels."""
+    if out is not None:
+        sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, v])[-1])

@@ -7,36 +7,13 @@ latency, 4 cycles, every step), and tasks over n are spread across cores.
 """
 from __future__ import annotations
 
-from mbn_codegen._tvm import IRModule, find_anchor_sblock, tirx
-
-from .common import fuse_epilogue, lanes_for, largest_divisor, tile
+from .common import (Rule, cpu_epilogue, cuda_accumulate, cuda_prologue, fuse_epilogue, is_cuda, lanes_for,
+                     largest_divisor, simd, tile)
 
 RULE = "mbn_dense"
 
 
-def info_of(func) -> dict | None:
-    try:
-        b = find_anchor_sblock(IRModule({"main": func}))
-    except Exception:
-        return None
-    if b is None or b.name_hint != "matmul" or len(b.iter_vars) != 3 or len(b.reads) != 2:
-        return None
-    ext = [iv.dom.extent for iv in b.iter_vars]
-    if not all(isinstance(e, tirx.IntImm) for e in ext) or int(ext[0]) != 1:
-        return None
-    w = b.reads[1]
-    idx = [r.min for r in w.region]
-    k_var, n_var = b.iter_vars[2].var, b.iter_vars[1].var
-    if len(idx) != 2 or not (idx[0].same_as(k_var) and idx[1].same_as(n_var)):
-        return None
-    return {"block": "matmul", "kind": "dense", "n": int(ext[1]), "k": int(ext[2])}
-
-
-def applies(func) -> bool:
-    return info_of(func) is not None
-
-
-def default_knobs(info: dict, lanes: int, registers: int) -> dict:
+def cpu_knobs(info: dict, lanes: int) -> dict:
     v = lanes_for(info["n"], lanes)
     vecs = info["n"] // v
     n_in = largest_divisor(vecs, 4)
@@ -61,12 +38,10 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     sch.vectorize(nv)
     sch.unroll(n1)
     sch.decompose_reduction(block, k0)
-    if out is not None:
-        ol = sch.get_loops(out)
-        sch.vectorize(sch.split(ol[-1], [None, v])[-1])
+    cpu_epilogue(sch, out, v)
 
 
-def default_knobs_cuda(info: dict) -> dict:
+def cuda_knobs(info: dict) -> dict:
     t = largest_divisor(info["n"], 256)
     return {"n": [info["n"] // t, t]}
 
@@ -74,13 +49,26 @@ def default_knobs_cuda(info: dict) -> dict:
 def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     """A thread per output; consecutive threads read consecutive n of a weight row (coalesced)."""
     k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)
-    out = fuse_epilogue(sch, block)
+    out = cuda_prologue(sch, block, RULE)
     i0, n, kk = sch.get_loops(block)
     b, t = tile(sch, sch.fuse(i0, n), 2, 512, k.get("n"))
     sch.bind(b, "blockIdx.x")
     sch.bind(t, "threadIdx.x")
-    sch.set_scope(block, 0, "local")
-    if out is not None:
-        sch.reverse_compute_at(out, t, preserve_unit_loops=True)
-    sch.decompose_reduction(block, kk)
+    cuda_accumulate(sch, block, out, t, kk)
+
+
+class Dense(Rule):
+    """The classifier's matrix-vector product, weights [K, N]."""
+    name = RULE
+
+    def matches(self, info: dict) -> bool:
+        return info["kind"] == "dense"
+
+    def spaces(self, info: dict, target) -> list:
+        if is_cuda(target):
+            return [(f"{RULE}_cuda", schedule_cuda)]
+        lanes = simd(target)[0]
+        return [(f"{RULE}_v{lanes}", lambda sch, b, k: schedule_cpu(sch, b, lanes, k))]
+
+    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
+        return 0, cuda_knobs(info) if is_cuda(target) else cpu_knobs(info, simd(target)[0])

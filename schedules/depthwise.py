@@ -10,18 +10,13 @@ bias+ReLU epilogue, which writes the output once.
 """
 from __future__ import annotations
 
-from .common import (conv_info, cpu_conv_prologue, fuse_epilogue, inline_producers, lanes_for,
-                     largest_divisor, tile)
+from .common import (Rule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, is_cuda, lanes_for,
+                     largest_divisor, simd, tile)
 
 RULE = "mbn_depthwise"
 
 
-def applies(func) -> bool:
-    info = conv_info(func)
-    return info is not None and info["kind"] == "depthwise"
-
-
-def default_knobs(info: dict, lanes: int, registers: int) -> dict:
+def cpu_knobs(info: dict, lanes: int) -> dict:
     v = lanes_for(info["f"], lanes)
     x_in = largest_divisor(info["x"], 8)
     f_vecs = info["f"] // v
@@ -40,12 +35,10 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     sch.unroll(f1)
     sch.unroll(rx)
     sch.decompose_reduction(block, rc)
-    if out is not None:
-        ol = sch.get_loops(out)
-        sch.vectorize(sch.split(ol[-1], [None, v])[-1])
+    cpu_epilogue(sch, out, v)
 
 
-def default_knobs_cuda(info: dict) -> dict:
+def cuda_knobs(info: dict) -> dict:
     total = info["n"] * info["y"] * info["x"] * info["f"]
     t = largest_divisor(total, 256)
     return {"t": [total // t, t]}
@@ -57,17 +50,29 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     reduction is unrolled in registers and the bias+ReLU epilogue is computed before the single
     store. Knob: t (threads per block)."""
     k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
-    inline_producers(sch, block)
-    out = fuse_epilogue(sch, block)
+    out = cuda_prologue(sch, block, RULE)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
     s = sch.fuse(n, y, x, f)
     b, t = tile(sch, s, 2, 512, k.get("t"))
     sch.bind(b, "blockIdx.x")
     sch.bind(t, "threadIdx.x")
-    sch.set_scope(block, 0, "local")            # accumulators live in registers
-    if out is not None:
-        sch.reverse_compute_at(out, t, preserve_unit_loops=True)
     sch.unroll(ry)
     sch.unroll(rx)
-    sch.decompose_reduction(block, ry)
+    cuda_accumulate(sch, block, out, t, ry)
+
+
+class Depthwise(Rule):
+    """3x3 depthwise convolutions (one filter per channel), NHWC."""
+    name = RULE
+
+    def matches(self, info: dict) -> bool:
+        return info.get("layout") == "NHWC" and info["kind"] == "depthwise"
+
+    def spaces(self, info: dict, target) -> list:
+        if is_cuda(target):
+            return [(f"{RULE}_cuda", schedule_cuda)]
+        lanes = simd(target)[0]
+        return [(f"{RULE}_v{lanes}", lambda sch, b, k: schedule_cpu(sch, b, lanes, k))]
+
+    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
+        return 0, cuda_knobs(info) if is_cuda(target) else cpu_knobs(info, simd(target)[0])

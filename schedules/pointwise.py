@@ -18,15 +18,10 @@ before weight packing.
 """
 from __future__ import annotations
 
-from .common import (conv_info, cpu_conv_prologue, fuse_epilogue, inline_producers, lanes_for,
-                     largest_divisor, tile)
+from .common import (Rule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, is_cuda, lanes_for,
+                     largest_divisor, simd, tile)
 
 RULE = "mbn_pointwise"
-
-
-def applies(func) -> bool:
-    info = conv_info(func)
-    return info is not None and info["kind"] in ("pointwise", "conv")
 
 
 def register_tile(x: int, f_vecs: int, registers: int) -> tuple[int, int]:
@@ -47,7 +42,7 @@ def register_tile(x: int, f_vecs: int, registers: int) -> tuple[int, int]:
     return best
 
 
-def default_knobs(info: dict, lanes: int, registers: int) -> dict:
+def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     f_vecs = info["f"] // v
     x_in, f_in = register_tile(info["x"], f_vecs, registers)
@@ -79,12 +74,10 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None) 
     sch.unroll(f1)          # the register tile: unrolled so its accumulators become registers
     sch.unroll(x1)
     sch.decompose_reduction(block, rc0)          # the init copies the vectorize/unroll above
-    if out is not None:
-        ol = sch.get_loops(out)
-        sch.vectorize(sch.split(ol[-1], [None, v])[-1])
+    cpu_epilogue(sch, out, v)
 
 
-def default_knobs_cuda(info: dict) -> dict:
+def cuda_knobs(info: dict) -> dict:
     s = info["n"] * info["y"] * info["x"]
     s_t = largest_divisor(s, 16)
     f_t = largest_divisor(info["f"], 16)
@@ -101,9 +94,7 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     reads (HWIO: channels contiguous) and output writes coalesce. Knobs: s, f (block/thread/inner
     tiles), rc (reduction step)."""
     k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)     # survives into the built IR: proof of use
-    inline_producers(sch, block)
-    out = fuse_epilogue(sch, block)
+    out = cuda_prologue(sch, block, RULE)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
     s = sch.fuse(n, y, x)
     s0, s1, s2 = tile(sch, s, 3, 4, k.get("s"))
@@ -113,7 +104,25 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     sch.bind(sch.fuse(s0, f0), "blockIdx.x")
     tx = sch.fuse(s1, f1)
     sch.bind(tx, "threadIdx.x")
-    sch.set_scope(block, 0, "local")            # accumulators live in registers
-    if out is not None:
-        sch.reverse_compute_at(out, tx, preserve_unit_loops=True)
-    sch.decompose_reduction(block, rc0)
+    cuda_accumulate(sch, block, out, tx, rc0)
+
+
+class Pointwise(Rule):
+    """1x1 convolutions and the dense 3x3 stem, NHWC."""
+    name = RULE
+
+    def matches(self, info: dict) -> bool:
+        return info.get("layout") == "NHWC" and info["kind"] in ("pointwise", "conv")
+
+    def spaces(self, info: dict, target) -> list:
+        if is_cuda(target):
+            return [(f"{RULE}_cuda", schedule_cuda)]
+        lanes = simd(target)[0]
+        return [(f"{RULE}_v{lanes}_o{o}", (lambda o: lambda sch, b, k: schedule_cpu(sch, b, lanes, o, k))(o))
+                for o in ORDERS]
+
+    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
+        if is_cuda(target):
+            return 0, cuda_knobs(info)
+        k = cpu_knobs(info, *simd(target))
+        return k["order"], k

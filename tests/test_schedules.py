@@ -217,3 +217,23 @@ def test_dense_schedule_matches(target, k, n):
         np.testing.assert_allclose(run_cpu(mod, ctx, xin), xin @ w + b, rtol=1e-4, atol=1e-3, err_msg=name)
     if skip:
         pytest.skip(f"compiled, not run: {skip}")
+
+
+def test_rules_on_dlights_interface():
+    """Our rules are dlight ScheduleRules: dlight's own ApplyDefaultSchedule applies them, first
+    match wins, and tunable=True gives one schedule per design space."""
+    from mbn_codegen._tvm import dlight
+
+    spec = targets.load("x86_64")
+    mod, w, b = conv_module("pw", 14, 64, 64, 1)
+    base, gv, ctx, target = fused(mod, spec)
+    rule = schedules.match(base[gv])
+    assert rule is schedules.RULES[1] and isinstance(rule, dlight.ScheduleRule)
+    assert rule.apply(base[gv], target, tunable=False) is not None
+    assert len(rule.apply(base[gv], target, tunable=True)) == 2            # two loop orders
+    assert schedules.RULES[0].apply(base[gv], target, tunable=False) is None  # depthwise: no match
+    with target:
+        applied = dlight.ApplyDefaultSchedule(*schedules.RULES)(base)
+    assert "mbn_pointwise" in applied[gv].script()
+    x = np.random.default_rng(0).standard_normal((1, 14, 14, 64)).astype("float32")
+    np.testing.assert_allclose(run_cpu(applied, ctx, x), reference(x, w, b, "pw", 1), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,61 @@
+"""One structural analysis of a kernel (a fused PrimFunc), shared by the rules, the build's kernel
+report and the bench: what its anchor block computes, told by the roles of its iteration
+variables and its access pattern, not by the function's name."""
+from __future__ import annotations
+
+from mbn_codegen._tvm import IRModule, find_anchor_sblock, tirx
+
+# iteration-variable roles of TOPI's conv2d blocks, by data layout
+_CONV_ROLES = {"nhwc": ("n", "y", "x", "f", "ry", "rx", "rc"), "nchw": ("n", "f", "y", "x", "rc", "ry", "rx")}
+
+
+def _extents(iter_vars) -> list[int] | None:
+    ext = [iv.dom.extent for iv in iter_vars]
+    return [int(e) for e in ext] if all(isinstance(e, tirx.IntImm) for e in ext) else None
+
+
+def _conv(b, ext) -> dict | None:
+    layout = next((lay for lay in _CONV_ROLES if b.name_hint.endswith(f"conv2d_{lay}")), None)
+    if layout is None or len(ext) != 7:
+        return None
+    e = dict(zip(_CONV_ROLES[layout], ext))
+    grouped = b.name_hint.startswith("group_conv2d")
+    if grouped and e["rc"] != 1:
+        return {"kind": "grouped", "layout": layout.upper(), "block": b.name_hint, **e}
+    kind = "depthwise" if grouped else ("pointwise" if e["ry"] == e["rx"] == 1 else "conv")
+    macs = e["n"] * e["y"] * e["x"] * e["f"] * e["ry"] * e["rx"] * e["rc"]
+    return {"kind": kind, "layout": layout.upper(), "block": b.name_hint, "macs": macs, **e}
+
+
+def _dense(b, ext) -> dict | None:
+    """out[i, n] += x[i, k] * W[k, n]: three iter vars (spatial i, n; reduction k), the weight read
+    indexed [k, n] (after the transpose of Gemm's W is folded at compile time)."""
+    if len(ext) != 3 or len(b.reads) != 2 or ext[0] != 1:
+        return None
+    idx = [r.min for r in b.reads[1].region]
+    k_var, n_var = b.iter_vars[2].var, b.iter_vars[1].var
+    if len(idx) != 2 or not (idx[0].same_as(k_var) and idx[1].same_as(n_var)):
+        return None
+    return {"kind": "dense", "block": b.name_hint, "n": ext[1], "k": ext[2], "macs": ext[1] * ext[2]}
+
+
+def analyze(func) -> dict | None:
+    """{"kind": depthwise | pointwise | conv | grouped | dense | reduction, "block": anchor block,
+    extents by role, "macs"}; None for kernels without a compute anchor (copies, reshapes)."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    try:
+        b = find_anchor_sblock(IRModule({"main": func}))
+    except Exception:          # several anchors, or none: not a single-operator kernel
+        return None
+    if b is None:
+        return None
+    ext = _extents(b.iter_vars)
+    if ext is None:
+        return None
+    info = _conv(b, ext) or _dense(b, ext)
+    if info is not None:
+        return info
+    if any(iv.iter_type == tirx.IterVar.CommReduce for iv in b.iter_vars):
+        return {"kind": "reduction", "block": b.name_hint}
+    return None
