@@ -27,7 +27,7 @@ ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
 export MBN_ARM64_ROOT := $(ARM64_ROOT)
 
 .PHONY: setup apt-deps arm64-sysroot bundle test test-slow build tune bench demo cost targets clean distclean help \
-	rpc-tracker rpc-server rpc-server-qemu rpc-query
+	rpc-tracker rpc-server rpc-server-qemu rpc-query gpu-check
 
 help:
 	@echo "make demo                       set up, build pretrained MobileNet v2 for this machine, classify photos"
@@ -43,6 +43,7 @@ help:
 	@echo "make bench TARGET=x86_64-avx512 [BENCH_ARGS='--grid --threads 1,2']   report: tuned vs stock vs peers"
 	@echo "make bundle TARGET=arm64 [ARTIFACT=dir BOARD_PYTHON=3.11]   one .tar.gz for an offline board:"
 	@echo "                                 artifact + runtime wheels + install.sh (default ARTIFACT: make build's)"
+	@echo "make gpu-check [GPU_CHECK_ARGS=--dry-run]   (GPU machine) build cuda for its arch, ours vs dlight vs stock vs PyTorch"
 	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
 	@echo "make targets                     list the target files"
 	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"
@@ -100,6 +101,9 @@ rpc-query: setup
 bench: setup
 	$(VENV)/bin/mbn-codegen bench --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
 		$(if $(BENCH_ARGS),$(BENCH_ARGS))
+
+gpu-check:
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 demo: setup
 	$(VENV)/bin/mbn-codegen demo
