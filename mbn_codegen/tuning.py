@@ -13,8 +13,12 @@ measurement for the CPU. The progress line of a batch is printed after its recor
   or measured: at most `trials_per_iter` candidates, never a batch whose progress line was
   printed. A line cut in half by the kill is set aside as *.corrupt-<time> by the next tune or
   build. The lock it leaves behind is recognised as stale (its pid is gone) and taken over.
-- Ctrl-C (SIGINT) loses the same batch, then writes provenance marked "interrupted", releases the
-  lock, and the CLI exits 130.
+- Ctrl-C (SIGINT) starts no new batch; the batch in flight is committed as MetaSchedule records
+  it (a terminal's Ctrl-C also stops the build/measure workers, so it is usually stored as failed
+  trials, which do not count as tuned); then provenance marked "interrupted" is written, the lock
+  released, and the CLI exits 130. A KeyboardInterrupt raised inside TVM's C++ (from a Python
+  callback) ends in std::terminate, hence a flag instead. A second Ctrl-C exits at once (130),
+  losing what a SIGKILL loses.
 - --time-limit stops between batches: the batch running when the limit passes is finished and
   kept, no new one starts, provenance says "time limit".
 A resumed tune counts each kernel's measured records and only tunes the kernels short of
@@ -22,9 +26,12 @@ A resumed tune counts each kernel's measured records and only tunes the kernels 
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +209,7 @@ def _stoppable(strategy, state: dict):
 
 
 def _time_is_up(state: dict) -> bool:
-    if state.get("stopped"):
+    if state.get("stopped") or state.get("interrupted"):
         return True
     if state["limit"] is not None and time.time() - state["t0"] > state["limit"]:
         state["stopped"] = True
@@ -250,6 +257,7 @@ def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path, state: dict):
             fn = schedules.space_fn(t.dispatched[0]["main"], target)
             if fn is not None:
                 space = ms.space_generator.ScheduleFn(fn)
+        _quiet_tvm_console()           # each call configures MetaSchedule's logging again
         c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [t], work_dir=str(work_dir), space=space, seed=cfg.seed,
             strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
@@ -300,6 +308,27 @@ def _quiet_tvm_console() -> None:
     # user's) makes the next tune in this process crash
     ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
     ms_logger.propagate = False
+
+
+@contextlib.contextmanager
+def _sigint_stops(state: dict):
+    """Ctrl-C sets a flag that ends the tune between batches (see the module docstring)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(_signum, _frame):
+        if state.get("interrupted"):
+            os.write(2, b"interrupted again: exiting now\n")
+            os._exit(130)
+        state["interrupted"] = True
+        state["log"]("Ctrl-C: stopping after the batch in flight (Ctrl-C again to exit at once)")
+
+    prev = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
 
 
 def _is_interrupt(e: BaseException) -> bool:
@@ -356,14 +385,20 @@ def _tune_locked(cfg: TuneConfig, spec, work_dir: Path, runner, log) -> Path:
     status = "completed"
     try:
         if todo and budget > 0:
-            _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state)
+            with _sigint_stops(state):
+                _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state)
+        if state.get("interrupted"):
+            raise KeyboardInterrupt
         if state.get("stopped"):
             status = "time limit"
     except BaseException as e:
-        status = "interrupted" if _is_interrupt(e) else f"failed: {type(e).__name__}"
+        interrupted = state.get("interrupted") or _is_interrupt(e)
+        status = "interrupted" if interrupted else f"failed: {type(e).__name__}"
         _provenance(work_dir, cfg, spec, budget, state, status, TVM_VERSION, TVM_FFI_VERSION)
-        if _is_interrupt(e) and not isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+        if interrupted:
+            log(f"interrupted: {state['done']} trials this run, records kept in {work_dir}")
+            if not isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
         raise
     entry = _provenance(work_dir, cfg, spec, budget, state, status, TVM_VERSION, TVM_FFI_VERSION)
     log(f"{status} in {entry['seconds'] / 60:.1f} min: {state['done']} trials this run, "
