@@ -51,6 +51,9 @@ from tvm.relax import dpl  # noqa: E402
 from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: E402
 from tvm.support.popen_pool import PopenPoolExecutor  # noqa: E402
 from tvm.support import nvcc as tvm_nvcc  # noqa: E402
+from tvm import rpc as tvm_rpc  # noqa: E402
+from tvm.rpc import base as rpc_base  # noqa: E402
+from tvm.rpc.tracker import Tracker as RPCTracker  # noqa: E402
 
 IRModule = tvm.IRModule
 Constant = tvm.ir.expr.Constant
@@ -58,5 +61,5 @@ Schedule = tvm.s_tir.Schedule
 
 __all__ = ["tvm", "tvm_ffi", "relax", "tirx", "from_onnx", "onnx_frontend", "detach_params", "ms",
            "dlight", "find_anchor_sblock", "Target", "target_has_features", "IRModule", "Constant", "Schedule", "tir_build",
-           "derived_object", "dpl", "RemoveWeightLayoutRewriteBlock", "PopenPoolExecutor", "tvm_nvcc",
+           "derived_object", "dpl", "RemoveWeightLayoutRewriteBlock", "PopenPoolExecutor", "tvm_nvcc", "tvm_rpc", "rpc_base", "RPCTracker",
            "check_versions", "TVM_VERSION", "TVM_FFI_VERSION"]
