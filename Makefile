@@ -62,7 +62,7 @@ $(STAMP): pyproject.toml
 
 apt-deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu chromium chromium-driver
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu chromium chromium-driver llvm
 
 arm64-sysroot:
 	bash scripts/arm64_sysroot.sh $(ARM64_ROOT)

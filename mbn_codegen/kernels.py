@@ -12,6 +12,20 @@ def conv_kind(func) -> str | None:
     return None if info is None else info["kind"]
 
 
+def call_counts(mod: IRModule) -> dict[str, int]:
+    """How many times the model calls each kernel (identical layers share one kernel)."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    counts: dict[str, int] = {}
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            for block in func.body.blocks:
+                for b in block.bindings:
+                    if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir):
+                        name = b.value.args[0].name_hint
+                        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def _scheduled(f) -> bool:
     return bool((f.attrs or {}).get("tirx.is_scheduled", False))
 
@@ -20,7 +34,9 @@ def kernel_table(mod: IRModule) -> list[dict]:
     rows = []
     for gv, f in mod.functions.items():
         if isinstance(f, tirx.PrimFunc):
-            rows.append({"name": gv.name_hint, "kind": conv_kind(f) or "other", "scheduled": _scheduled(f)})
+            info = analyze(f) or {}
+            rows.append({"name": gv.name_hint, "kind": info.get("kind", "other"), "macs": info.get("macs"),
+                         "scheduled": _scheduled(f)})
     return sorted(rows, key=lambda r: r["name"])
 
 
@@ -64,7 +80,10 @@ def mark_layout_free(mod: IRModule, ctx) -> IRModule:
 
 def apply_schedules(mod: IRModule, ctx) -> IRModule:
     mod = mark_layout_free(mod, ctx)          # renames kernels (suffix): classify after it
-    kinds = {r["name"]: r["kind"] for r in kernel_table(mod)}
+    table = kernel_table(mod)
+    kinds = {r["name"]: r["kind"] for r in table}
+    macs = {r["name"]: r["macs"] for r in table}
+    calls = call_counts(mod)
     source: dict[str, str] = {}
     if ctx.database is not None:
         with ctx.target, ctx.database, tvm.transform.PassContext(opt_level=3):
@@ -98,6 +117,7 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
     fallback = "dlight" if ctx.device == "cuda" else "tvm-stock"
     names = {gv.name_hint for gv in mod.functions}
     ctx.notes["kernels"] = [{"name": n, "symbol": f"{n}_prepacked" if f"{n}_prepacked" in names else n,
-                             "kind": k, "source": source.get(n, fallback)}
+                             "kind": k, "source": source.get(n, fallback), "macs": macs.get(n),
+                             "calls": calls.get(n, 0)}
                             for n, k in sorted(kinds.items())]
     return mod

@@ -76,7 +76,8 @@ class TargetSpec:
         return {"name": self.name, "description": self.description, "arch": self.arch,
                 "device": self.device, "run": self.run, "tvm_target": self.tvm_dict(),
                 "cross_compiler": self.cross_compiler, "cuda_arch": self.cuda_arch,
-                "required_cpu_flags": list(self.required_cpu_flags)}
+                "required_cpu_flags": list(self.required_cpu_flags),
+                **({"clock_ghz": self.raw["clock_ghz"]} if "clock_ghz" in self.raw else {})}
 
 
 def names() -> list[str]:

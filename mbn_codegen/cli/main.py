@@ -13,7 +13,7 @@ from ..errors import MbnError
 # command -> module in this package, imported one by one so that a runtime-only install (no
 # `compile` extra) still runs `run` and `bundle` and names the extra for the others
 COMMANDS = {"build": "build", "tune": "tune", "bench": "bench", "cost": "cost", "run": "run", "demo": "demo",
-            "targets": "targets_cmd", "bundle": "bundle"}
+            "targets": "targets_cmd", "bundle": "bundle", "inspect": "inspect_cmd"}
 _modules: dict = {}
 _missing: dict[str, MbnError] = {}
 
