@@ -41,7 +41,7 @@ class CompilerNotInstalledError(MbnError):
 # top-level import name -> distribution, for every package of the `compile` extra
 COMPILE_MODULES = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
                    "jsonschema": "jsonschema", "tornado": "tornado", "xgboost": "xgboost-cpu",
-                   "matplotlib": "matplotlib", "skimage": "scikit-image"}
+                   "matplotlib": "matplotlib", "skimage": "scikit-image", "elftools": "pyelftools"}
 
 PYTHONS = ("3.10", "3.11", "3.12")    # pyproject.toml's requires-python
 # `pip download --platform` values per artifact arch (manifest.json "arch")
@@ -59,11 +59,16 @@ def compiler_missing(exc: BaseException) -> CompilerNotInstalledError | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         root = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ImportError) else ""
-        if root in COMPILE_MODULES:
+        if root in COMPILE_MODULES or root == "tomllib":
             break
         exc = exc.__cause__ or exc.__context__
     else:
         return None
+    if root == "tomllib":       # the standard library's since 3.11; the target files need it
+        return CompilerNotInstalledError(
+            f"the compiler side needs Python 3.11 or newer (this is {sys.version_info[0]}.{sys.version_info[1]}): "
+            "make a 3.11 venv and pip install 'mbn-codegen[compile]' there (make setup). "
+            "This install can run artifacts: mbn-codegen run ARTIFACT [photo]")
     return CompilerNotInstalledError(
         f"the compiler side is not installed ({COMPILE_MODULES[root]} is missing): "
         "pip install 'mbn-codegen[compile]' (in a source checkout: make setup). "
