@@ -23,15 +23,17 @@ RPC_SERVERS  ?= 1
 BOARD_PYTHON ?= python3
 ARTIFACT ?=
 PYTEST_ARGS ?=
+RUFF_VERSION ?= 0.17.6
 ARM64_ROOT ?= $(HOME)/.cache/mbn-codegen/arm64
 export MBN_ARM64_ROOT := $(ARM64_ROOT)
 
-.PHONY: setup apt-deps arm64-sysroot bundle test test-slow build tune bench demo cost targets clean distclean help \
+.PHONY: setup apt-deps arm64-sysroot bundle test test-slow lint build tune bench demo cost targets clean distclean help \
 	rpc-tracker rpc-server rpc-server-qemu rpc-query gpu-check
 
 help:
 	@echo "make demo                       set up, build pretrained MobileNet v2 for this machine, classify photos"
 	@echo "make test                       set up and run the test suite (arm64 tests run under qemu)"
+	@echo "make lint                       ruff (rules in ruff.toml)"
 	@echo "make build TARGET=arm64 [MODEL= ALPHA= RES= WEIGHTS= OUT=]   compile an artifact"
 	@echo "make tune TARGET=x86_64-avx512 [TRIALS= TRIALS_PER_TASK= TIME_LIMIT=minutes SPACE=ours|generic DB=dir]"
 	@echo "                                 tunes into your per-user database; DB=targets/databases/<target> refreshes the shipped one"
@@ -72,6 +74,10 @@ test: setup arm64-sysroot
 
 test-slow: setup arm64-sysroot
 	$(PY) -m pytest --run-slow $(PYTEST_ARGS)
+
+lint: setup
+	@$(PY) -m ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(PY) -m pip install -q ruff==$(RUFF_VERSION)
+	$(PY) -m ruff check .
 
 build: setup
 	$(VENV)/bin/mbn-codegen build --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
