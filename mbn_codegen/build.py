@@ -16,30 +16,27 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import __version__, targets
-from .errors import MbnError, ModelConfigError, NonFiniteModelError, OutputDirError
-from .export import INPUT_NAME, export_onnx, fix_input_shape, graph_inputs, load_onnx, onnxruntime_run
+from .errors import OutputDirError
+from .model_spec import ModelSpec, with_model_fields
 from .runtime import MANIFEST, sha256
 
 LIB_FILE = "lib.so"
 GENERATOR = "mbn-codegen"            # manifest.json's marker: a folder we may replace
-DEFAULT_RESOLUTION = 224
 
 
+@with_model_fields
 @dataclass
 class BuildConfig:
-    model: str = "mobilenet_v1"
-    alpha: float = 1.0
-    resolution: int | None = None     # zoo models: None = 224; --onnx: fixes dynamic H, W
-    num_classes: int = 1000
-    weights: str | None = None        # state_dict path, "pretrained" (v2), or None: live random
-    onnx: str | None = None           # a user's ONNX file instead of a zoo model
+    """One build: a model, a target, options. Also takes ModelSpec's fields flat:
+    BuildConfig(alpha=0.5, resolution=128, target="arm64")."""
+    model: ModelSpec = field(default_factory=ModelSpec)
     target: str = "x86_64"
     out: str | None = None
     dump_ir: str | None = None
@@ -47,102 +44,24 @@ class BuildConfig:
     use_shipped_database: bool = True
     schedules: str = "ours"           # "ours" (our rules, NHWC) or "stock" (TVM's defaults, NCHW)
     layout: str | None = None
-    seed: int = 0
     propagate_nan: bool = False       # Relu/Clip pass NaN through, as ONNX Runtime does
 
-    @property
-    def zoo_resolution(self) -> int:
-        return DEFAULT_RESOLUTION if self.resolution is None else self.resolution
-
     def default_out(self) -> Path:
-        if self.onnx:
-            stem = Path(self.onnx).stem
-        else:
-            stem = f"{self.model}-{self.alpha:g}-{self.zoo_resolution}"
-        return Path("artifacts") / f"{stem}-{Path(self.target).stem}"
+        return Path("artifacts") / f"{self.model.stem()}-{Path(self.target).stem}"
 
 
-def _reference_input(cfg: BuildConfig, shape: tuple[int, ...]) -> np.ndarray:
-    """A real photo for pretrained ImageNet models (selfcheck then also checks the class);
-    otherwise seeded noise."""
-    if cfg.weights == "pretrained" and shape[2] == shape[3]:
-        from .images import preprocess, sample_images
-        return preprocess(sample_images()["chelsea"], shape[2])
-    return np.random.default_rng(cfg.seed + 12345).standard_normal(shape).astype("float32")
-
-
-def _zoo_onnx(cfg: BuildConfig, path: Path) -> dict:
-    from .models import create
-    from .models.calibrate import make_live
-
-    res = cfg.zoo_resolution
-    model = create(cfg.model, cfg.alpha, res, cfg.num_classes, cfg.weights)
-    if cfg.weights is None:
-        make_live(model, seed=cfg.seed)
-    _check_finite_state_dict(model, cfg.weights)
-    export_onnx(model, path, res)
-    return {"name": cfg.model, "alpha": cfg.alpha, "resolution": res,
-            "num_classes": cfg.num_classes,
-            "weights": cfg.weights or f"random (live, seed={cfg.seed}): not trained, for testing only"}
-
-
-def _nonfinite_summary(named) -> tuple[int, list[str]]:
-    bad = []
-    total = 0
-    for name, a in named:
-        total += 1
-        a = np.asarray(a)
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-            what = " and ".join(w for w in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if w)
-            bad.append(f"{name} ({what} of {a.size})")
-    return total, bad
-
-
-def _check_finite_state_dict(model, weights: str | None) -> None:
-    sd = model.state_dict()
-    total, bad = _nonfinite_summary((k, v.detach().cpu().numpy()) for k, v in sd.items()
-                                    if v.is_floating_point())
-    neg_var = [k for k, v in sd.items() if k.endswith("running_var") and bool((v < 0).any())]
-    if bad or neg_var:
-        what = (f"{len(bad)} of {total} tensors hold NaN/Inf: {', '.join(bad[:5])}"
-                + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")) if bad else \
-            f"BatchNorm running_var < 0 in {', '.join(neg_var[:5])} (its sqrt is NaN)"
-        raise NonFiniteModelError(
-            f"weights {weights or '(random)'}: {what}. The compiled model would output NaN for "
-            "every image and fail its self-check on the board: use a checkpoint from before "
-            "training diverged, or re-save the weights")
-
-
-def _check_finite_onnx(onnx_model, source: str) -> None:
-    from onnx import numpy_helper
-
-    named = [(t.name, numpy_helper.to_array(t)) for t in onnx_model.graph.initializer]
-    for node in onnx_model.graph.node:
-        if node.op_type == "Constant":
-            for att in node.attribute:
-                if att.HasField("t"):
-                    named.append((node.output[0], numpy_helper.to_array(att.t)))
-    total, bad = _nonfinite_summary(named)
-    if bad:
-        raise NonFiniteModelError(
-            f"{source}: {len(bad)} of {total} weight tensors hold NaN/Inf: {', '.join(bad[:5])}"
-            + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "") + ". The compiled model would "
-            "output NaN for every image: re-export it from finite weights")
-
-
-def _check_finite_output(y: np.ndarray, source: str) -> None:
-    if not np.isfinite(y).all():
-        raise NonFiniteModelError(
-            f"{source}: ONNX Runtime's output for the reference input holds "
-            f"{int(np.isnan(y).sum())} NaN and {int(np.isinf(y).sum())} Inf of {y.size} values, although "
-            "the weights are finite: the model overflows float32 (weights or BatchNorm statistics "
-            "far too large, or a variance of 0 with eps=0). Check how the weights were produced")
+def kernel_sources(kernels: list[dict]) -> dict[str, int]:
+    """How many kernels each schedule source gave: tuned, ours-default, tvm-stock or dlight."""
+    counts: dict[str, int] = {}
+    for k in kernels:
+        src = k["source"].split(":")[0]
+        counts[src] = counts.get(src, 0) + 1
+    return counts
 
 
 def _protected_paths(cfg: BuildConfig) -> list[tuple[str, Path]]:
     """What a build reads or writes outside its --out folder, which the swap must not delete."""
-    named = [("the input ONNX file", cfg.onnx), ("the weights file", cfg.weights),
+    named = [("the input ONNX file", cfg.model.onnx), ("the weights file", cfg.model.weights),
              ("the tuning database", cfg.database), ("the --dump-ir folder", cfg.dump_ir)]
     return [(what, Path(p).resolve()) for what, p in named if p and p != "pretrained"]
 
@@ -248,12 +167,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Path:
     spec = targets.load(cfg.target)
     cc = spec.compiler()                 # fails early, naming the apt package, if it is missing
     spec.tvm_target()                    # a TargetFileError now rather than after the export
-    if cfg.onnx:
-        # errors name the user's file, before anything is written
-        fix_input_shape(load_onnx(cfg.onnx), resolution=cfg.resolution, source=cfg.onnx)
-    else:
-        from .models.mobilenet_v1 import validate
-        validate(cfg.alpha, cfg.zoo_resolution, cfg.num_classes)
+    cfg.model.validate()                 # errors name the user's file, before anything is written
     out = Path(cfg.out) if cfg.out else cfg.default_out()
     check_out_dir(out, cfg)
     target_dir = Path(os.path.abspath(out))
@@ -277,27 +191,10 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
 
     t_start = time.perf_counter()
 
-    onnx_path = tmp / "model.onnx"
-    if cfg.onnx:
-        shutil.copyfile(cfg.onnx, onnx_path)
-        onnx_model = load_onnx(onnx_path)
-        model_info = {"name": "onnx:" + Path(cfg.onnx).name, "source_onnx": str(cfg.onnx)}
-        _check_finite_onnx(onnx_model, cfg.onnx)
-        input_name, shape = fix_input_shape(onnx_model, resolution=cfg.resolution, source=cfg.onnx)
-        if graph_inputs(onnx_model)[0][1][2:] != list(shape[2:]):
-            log(f"input {input_name!r} has dynamic height/width: building for {shape[2]}x{shape[3]}")
-            model_info["resolution"] = shape[2]
-    else:
-        log(f"export {cfg.model} alpha={cfg.alpha:g} resolution={cfg.zoo_resolution} -> ONNX")
-        model_info = _zoo_onnx(cfg, onnx_path)
-        onnx_model = load_onnx(onnx_path)
-        _check_finite_onnx(onnx_model, f"the exported {cfg.model}")
-        input_name, shape = fix_input_shape(onnx_model)
-    model_info["onnx_sha256"] = sha256(onnx_path)
-
-    x = _reference_input(cfg, shape)
-    y = onnxruntime_run(onnx_path, x)
-    _check_finite_output(y, cfg.onnx or f"{cfg.model} with weights {cfg.weights or '(random)'}")
+    prepared = cfg.model.write_onnx(tmp / "model.onnx", log)
+    onnx_model, input_name, shape = prepared.onnx_model, prepared.input_name, prepared.shape
+    model_info = {**prepared.info, "onnx_sha256": sha256(prepared.path)}
+    x, y = cfg.model.reference(prepared)
     np.save(tmp / "reference_input.npy", x)
     np.save(tmp / "reference_output.npy", y)
 
@@ -334,9 +231,8 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
                "archs": sorted({a for p in pay for a in p.archs})}
 
     labels_file = None
-    if shape and y.shape[-1] == 1000 and (cfg.onnx or cfg.num_classes == 1000):
-        from .models import LABELS_FILE
-        shutil.copyfile(LABELS_FILE, tmp / "labels.txt")
+    if (labels := cfg.model.labels_file(y.shape[-1])) is not None:
+        shutil.copyfile(labels, tmp / "labels.txt")
         labels_file = "labels.txt"
     rtol, atol = 1e-3, 1e-3 * max(1.0, float(np.abs(y).max()))
     manifest = {
@@ -369,11 +265,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _swap_in(tmp, target_dir, interrupts)
     n = len(manifest["kernels"])
-    by_source: dict[str, int] = {}
-    for k in manifest["kernels"]:
-        src = k["source"].split(":")[0]
-        by_source[src] = by_source.get(src, 0) + 1
-    log("kernels: " + ", ".join(f"{v} {k}" for k, v in sorted(by_source.items())) +
+    log("kernels: " + ", ".join(f"{v} {k}" for k, v in sorted(kernel_sources(manifest["kernels"]).items())) +
         "  (tuned = database record, ours-default = our schedule untuned, tvm-stock/dlight = TVM's)")
     log(f"wrote {out}/ ({manifest['library']['bytes'] / 1e6:.1f} MB library, {n} kernels, "
         f"{manifest['built']['seconds']:.1f} s)")

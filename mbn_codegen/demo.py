@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import targets
-from .build import BuildConfig, build
+from .build import BuildConfig, build, kernel_sources
 from .runtime import cpu_flags, load, machine_arch
+
+_SOURCE_WORDS = {"tuned": "tuned (tuning database)", "ours-default": "our schedules with default knobs",
+                 "tvm-stock": "TVM's stock untuned loops", "dlight": "TVM's dlight GPU schedules"}
 
 
 def host_target() -> str:
@@ -22,7 +24,7 @@ def host_target() -> str:
 
 
 def run_demo(target: str | None = None, out: str | None = None, log: Callable[[str], None] = print) -> dict:
-    from .images import sample_images, preprocess
+    from .images import preprocess, sample_images
     from .models import create
 
     target = target or host_target()
@@ -57,5 +59,18 @@ def run_demo(target: str | None = None, out: str | None = None, log: Callable[[s
     med = float(np.median(times)) * 1e3
     log("")
     log(f"artifact: {art}/  (lib.so + manifest.json; copy it to the board and use mbn_codegen.runtime)")
-    log(f"latency: {med:.1f} ms median of 10 (stock, untuned TVM kernels; `make tune` makes them fast)")
+    log(f"latency: {med:.1f} ms median of 10 ({schedule_summary(model.manifest.get('kernels', []))})")
     return {"artifact": str(art), "results": results, "median_ms": med}
+
+
+def schedule_summary(kernels: list[dict]) -> str:
+    """Where the artifact's kernels came from, in words, from the manifest's kernel sources."""
+    counts = kernel_sources(kernels)
+    if not counts:
+        return "kernel sources not recorded in the manifest"
+    n = sum(counts.values())
+    order = [*_SOURCE_WORDS, *sorted(set(counts) - set(_SOURCE_WORDS))]
+    parts = [f"{counts[s]} of {n} kernels {_SOURCE_WORDS.get(s, s)}" for s in order if s in counts]
+    untuned = n - counts.get("tuned", 0)
+    return "; ".join(parts) + (f"; `make tune` tunes the other {untuned}" if 0 < untuned < n else
+                               "; `make tune` tunes them" if untuned else "")

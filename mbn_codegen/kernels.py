@@ -79,7 +79,7 @@ def mark_layout_free(mod: IRModule, ctx) -> IRModule:
 
 
 def apply_schedules(mod: IRModule, ctx) -> IRModule:
-    mod = mark_layout_free(mod, ctx)          # renames kernels (suffix): classify after it
+    mod = mark_layout_free(mod, ctx)          # keeps kernel names (those reports show)
     table = kernel_table(mod)
     kinds = {r["name"]: r["kind"] for r in table}
     macs = {r["name"]: r["macs"] for r in table}

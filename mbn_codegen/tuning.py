@@ -42,15 +42,15 @@ from . import targets
 from .database import (LOGS, RECORDS, DatabaseLock, database_dir, measured, open_database,  # noqa: F401
                        sanitize_database, summary, user_dir, write_provenance)
 from .errors import CorruptDatabaseError, ForeignDatabaseError, TuningError, UnknownKernelError  # noqa: F401
+from .model_spec import ModelSpec, with_model_fields
 
 
+@with_model_fields
 @dataclass
 class TuneConfig:
-    model: str = "mobilenet_v1"
-    alpha: float = 1.0
-    resolution: int = 224
-    num_classes: int = 1000
-    onnx: str | None = None
+    """One tune: a model, a target, the search's budget. Also takes ModelSpec's fields flat:
+    TuneConfig(alpha=0.25, resolution=32, target="x86_64")."""
+    model: ModelSpec = field(default_factory=ModelSpec)
     target: str = "x86_64"
     space: str = "ours"                  # "ours" | "generic" (TVM's own space, for comparison)
     work_dir: str | None = None          # None: the user's database, mbn_codegen.database.user_dir
@@ -87,21 +87,12 @@ def prepare_module(cfg: TuneConfig, log: Callable[[str], None] = print):
     """The fused module the build's schedule phase sees (the database is keyed by its kernels)."""
     import tempfile
 
-    import onnx
-
-    from .build import BuildConfig, _zoo_onnx
-    from .export import fix_input_shape, load_onnx
     from .lower import PHASES, LowerContext, import_onnx
 
     spec = targets.load(cfg.target)
-    if cfg.onnx:
-        onnx_model = load_onnx(cfg.onnx)
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            _zoo_onnx(BuildConfig(model=cfg.model, alpha=cfg.alpha, resolution=cfg.resolution,
-                                  num_classes=cfg.num_classes), Path(d) / "m.onnx")
-            onnx_model = onnx.load(str(Path(d) / "m.onnx"))
-    name, shape = fix_input_shape(onnx_model)
+    with tempfile.TemporaryDirectory() as d:
+        prepared = cfg.model.write_onnx(Path(d) / "model.onnx", log=lambda s: None)
+    onnx_model, name, shape = prepared.onnx_model, prepared.input_name, prepared.shape
     target = spec.tvm_target()
     ctx = LowerContext(target, spec.device, name, shape,
                        schedules="ours" if cfg.space == "ours" else "stock", layout="NHWC")
@@ -435,7 +426,7 @@ def _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state) ->
 
 def _provenance(work_dir, cfg: TuneConfig, spec, budget, state, status, tvm_v, ffi_v) -> dict:
     return write_provenance(work_dir, {
-        "model": cfg.onnx or f"{cfg.model}-{cfg.alpha:g}-{cfg.resolution}",
+        "model": cfg.model.onnx or cfg.model.stem(),
         "space": cfg.space, "target": spec.name,
         "required_cpu_flags": list(spec.required_cpu_flags),
         "rpc": f"tracker {cfg.rpc_tracker} key {cfg.rpc_key}" if cfg.rpc_tracker else None,

@@ -7,6 +7,15 @@ import shutil
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_databases(tmp_path_factory):
+    """Builds apply the per-user tuning database automatically: a real one on this machine must
+    not change what the tests build (subprocesses inherit this too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data-home")))
+        yield
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False,
                      help="also run tests marked slow (full variant grid; tens of minutes)")

@@ -82,7 +82,7 @@ def test_v2_pretrained_classifies_photos_like_pytorch(v2_pretrained):
 def test_user_onnx_with_batchnorm_nodes(tmp_path):
     """A user's ONNX file that keeps BatchNormalization nodes: our fold phase removes them."""
     model = make_live(create("mobilenet_v1", 0.5, 128), seed=3)
-    path = export_onnx(model, tmp_path / "user.onnx", fold_batchnorm=False)
+    path = export_onnx(model, tmp_path / "user.onnx", do_constant_folding=False)
     import onnx
     assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
     out = build(BuildConfig(onnx=str(path), out=str(tmp_path / "art"), dump_ir=str(tmp_path / "ir")),

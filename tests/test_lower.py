@@ -18,7 +18,7 @@ def _ctx(res):
 
 def test_phases_named_and_dumped(tmp_path):
     model = make_live(create("mobilenet_v1", 0.25, 64))
-    path = export_onnx(model, tmp_path / "m.onnx", fold_batchnorm=False)
+    path = export_onnx(model, tmp_path / "m.onnx", do_constant_folding=False)
     ctx = _ctx(64)
     mod = lower(onnx.load(str(path)), ctx, dump_ir=tmp_path / "ir")
     names = ["import"] + [n for n, _ in PHASES]
@@ -34,7 +34,7 @@ def test_phases_named_and_dumped(tmp_path):
 
 def test_batchnorm_folded_into_conv_weights(tmp_path):
     model = make_live(create("mobilenet_v1", 0.25, 64))
-    path = export_onnx(model, tmp_path / "m.onnx", fold_batchnorm=False)
+    path = export_onnx(model, tmp_path / "m.onnx", do_constant_folding=False)
     ctx = _ctx(64)
     mod = import_onnx(onnx.load(str(path)), ctx)
     n_bn = mod.script(show_meta=False).count("R.nn.batch_norm(")

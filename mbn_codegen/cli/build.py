@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .common import add_model_args
+from .common import add_model_args, model_spec
 
 
 def add_parser(sub) -> None:
@@ -29,10 +29,8 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     from ..build import BuildConfig, build
 
-    cfg = BuildConfig(model=args.model, alpha=args.alpha, resolution=args.resolution,
-                      num_classes=args.num_classes, weights=args.weights, onnx=args.onnx,
-                      target=args.target, out=args.out, dump_ir=args.dump_ir,
+    cfg = BuildConfig(model=model_spec(args), target=args.target, out=args.out, dump_ir=args.dump_ir,
                       database=args.database, use_shipped_database=not args.no_database,
-                      schedules=args.schedules, seed=args.seed, propagate_nan=args.propagate_nan)
+                      schedules=args.schedules, propagate_nan=args.propagate_nan)
     build(cfg)
     return 0

@@ -1,4 +1,5 @@
-"""Argument types shared by subcommands: they validate, the API does the work."""
+"""Argument types shared by subcommands, and the one place the command line becomes a ModelSpec:
+they validate, the API does the work."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,19 @@ def resolution(s: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser, resolution_default: int | None = 224,
                    resolution_help: str = "input size (default 224)") -> None:
-    p.add_argument("--model", default="mobilenet_v1", choices=["mobilenet_v1", "mobilenet_v2"])
+    from ..models import DEFAULT_MODEL, names
+
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=names())
     p.add_argument("--alpha", type=alpha, default=1.0, help="width multiplier (default 1.0)")
     p.add_argument("--resolution", type=resolution, default=resolution_default, help=resolution_help)
     p.add_argument("--num-classes", type=int, default=1000)
+
+
+def model_spec(args: argparse.Namespace):
+    """The ModelSpec of add_model_args' options, plus --weights, --onnx and --seed where the
+    subcommand has them."""
+    from ..model_spec import ModelSpec
+
+    return ModelSpec(name=args.model, alpha=args.alpha, resolution=args.resolution,
+                     num_classes=args.num_classes, weights=getattr(args, "weights", None),
+                     onnx=getattr(args, "onnx", None), seed=getattr(args, "seed", 0))

@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import os
 
-from .common import add_model_args
+from .common import add_model_args, model_spec
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tune", help="auto-tune the kernels with MetaSchedule (our schedules as the "
                        "design space), locally or on a board over TVM's RPC tracker")
-    add_model_args(p)
+    add_model_args(p, resolution_default=None,
+                   resolution_help="input size (default 224; with --onnx: the file's own, and "
+                   "this fixes a dynamic height/width)")
     p.add_argument("--onnx", help="tune this ONNX file's kernels instead of a zoo model")
     p.add_argument("--target", default="x86_64")
     p.add_argument("--space", default="ours", choices=["ours", "generic"],
@@ -40,8 +42,7 @@ def main(args) -> int:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise SystemExit(f"mbn-codegen tune: error: --{name.replace('_', '-')} must be positive")
-    tune(TuneConfig(model=args.model, alpha=args.alpha, resolution=args.resolution,
-                    num_classes=args.num_classes, onnx=args.onnx, target=args.target, space=args.space,
+    tune(TuneConfig(model=model_spec(args), target=args.target, space=args.space,
                     work_dir=args.database, max_trials=args.trials, trials_per_task=args.trials_per_task,
                     trials_per_iter=args.trials_per_iter,
                     time_limit_s=args.time_limit * 60 if args.time_limit else None,

