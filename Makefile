@@ -43,6 +43,7 @@ help:
 	@echo "make rpc-server-qemu [RPC_KEY=qemu-a72 RPC_SERVERS=1]  emulated arm64 board(s) here (plumbing only: timings mean nothing)"
 	@echo "make rpc-query [RPC_TRACKER=127.0.0.1:9190]            boards registered with a tracker"
 	@echo "make bench TARGET=x86_64-avx512 [BENCH_ARGS='--grid --threads 1,2']   report: tuned vs stock vs peers"
+	@echo "make bench TARGET=arm64 RPC_TRACKER=host:9190 RPC_KEY=rpi4   the same, timed on the board (end to end)"
 	@echo "make bundle TARGET=arm64 [ARTIFACT=dir BOARD_PYTHON=3.11]   one .tar.gz for an offline board:"
 	@echo "                                 artifact + runtime wheels + install.sh (default ARTIFACT: make build's)"
 	@echo "make gpu-check [GPU_CHECK_ARGS=--dry-run]   (GPU machine) build cuda for its arch, ours vs dlight vs stock vs PyTorch"
@@ -90,7 +91,7 @@ tune: setup
 		$(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY) --rpc-workers $(RPC_WORKERS))
 
 rpc-tracker: setup
-	$(PY) -m mbn_codegen.rpc tracker --host 0.0.0.0 --port $(RPC_PORT)
+	$(PY) -m tvm.exec.rpc_tracker --host 0.0.0.0 --port $(RPC_PORT) --port-end $$(($(RPC_PORT) + 1))
 
 # runs on the board, with no venv from this repo: see README "Boards"
 rpc-server:
@@ -102,11 +103,12 @@ rpc-server-qemu: setup arm64-sysroot
 		--key $(or $(RPC_KEY),qemu-a72) --count $(RPC_SERVERS)
 
 rpc-query: setup
-	$(PY) -m mbn_codegen.rpc query $(or $(RPC_TRACKER),127.0.0.1:$(RPC_PORT))
+	$(PY) -m tvm.exec.query_rpc_tracker $(foreach t,$(or $(RPC_TRACKER),127.0.0.1:$(RPC_PORT)),\
+		--host $(word 1,$(subst :, ,$(t))) --port $(word 2,$(subst :, ,$(t))))
 
 bench: setup
 	$(VENV)/bin/mbn-codegen bench --model $(MODEL) --alpha $(ALPHA) --resolution $(RES) --target $(TARGET) \
-		$(if $(BENCH_ARGS),$(BENCH_ARGS))
+		$(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY)) $(if $(BENCH_ARGS),$(BENCH_ARGS))
 
 gpu-check:
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

@@ -49,8 +49,9 @@ def _sessions(server: rpc.RPCProcess) -> int:
 @pytest.fixture(scope="module")
 def tracker():
     tr = rpc.start_tracker()
+    tr.address = f"{tr.host}:{tr.port}"
     yield tr
-    tr.stop()
+    tr.terminate()
 
 
 @pytest.mark.qemu
@@ -62,13 +63,13 @@ def test_remote_tune_on_emulated_boards_then_build_and_run(tracker, tmp_path):
     from mbn_codegen.emulation import run_python_arm64
 
     key = "qemu-a72"
-    servers = [rpc.start_server(tracker, key, emulated=True, wait=False, log_path=tmp_path / f"server{i}.log")
+    servers = [rpc.start_server(tracker, key, wait=False, log_path=tmp_path / f"server{i}.log")
                for i in range(2)]
     try:
         rpc.wait_for_servers(tracker, key, count=2, ports=[s.port for s in servers], procs=servers,
                              timeout=180)
         summary = rpc.query_tracker(tracker.host, tracker.port)
-        assert rpc.count_servers(summary, key) == 2, rpc.format_summary(summary)
+        assert rpc.count_servers(summary, key) == 2, summary
 
         db = tune(_cfg(tracker, key, tmp_path / "db", rpc_workers=2), log=lambda s: None)
         recs = _records(db)
@@ -106,7 +107,7 @@ def test_board_killed_mid_tune_records_failures_and_the_tune_finishes(tracker, t
     """The server dies (process group SIGTERM/SIGKILL) once the first batch's records are written;
     the second task's candidates then fail (no board under the key) instead of waiting forever."""
     key = "qemu-a72-dies"
-    server = rpc.start_server(tracker, key, emulated=True, log_path=tmp_path / "server.log")
+    server = rpc.start_server(tracker, key, log_path=tmp_path / "server.log")
     work = tmp_path / "db"
     killed = {}
     done = threading.Event()
@@ -166,26 +167,26 @@ def test_unreachable_tracker_or_missing_key_refuses_fast(tracker, tmp_path):
         tune(TuneConfig(target="arm64", rpc_tracker="9190", rpc_key="rpi4"), log=lambda s: None)
 
 
-def test_query_and_process_group_cleanup(tracker):
-    """A host-side server (TVM's CLI) registers; stop() kills the whole group, including the
-    popen_worker child that killing the CLI alone would leave behind."""
+def test_query_host_server_and_make_rpc_query(tracker):
+    """TVM's Server on this host registers; the tracker's summary and `make rpc-query` (TVM's
+    query_rpc_tracker) list it; terminate() takes its popen_worker and the registration with it."""
     import subprocess
 
-    server = rpc.start_server(tracker, "host-cpu", log_path=None)
-    summary = rpc.query_tracker(f"{tracker.host}:{tracker.port}")
-    assert {"key": "host-cpu", "addr": server.address} in summary["servers"]
-    assert summary["queue"]["host-cpu"]["total"] == 1
-    assert "host-cpu" in rpc.format_summary(summary)
-    pgid = server.pid
-    group = subprocess.run(["ps", "-o", "pid=", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
-    assert len(group) >= 2, group                                 # the CLI + its popen_worker
-    server.stop()
-    time.sleep(0.3)
-    left = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(pgid)], capture_output=True, text=True).stdout
-    assert all(line.split()[1].startswith("Z") for line in left.strip().splitlines()), left   # zombies at most
-    deadline = time.time() + 10                                    # the tracker drops it
+    server = rpc.start_host_server(tracker, "host-cpu")
+    summary = rpc.query_tracker(tracker.address)
+    assert rpc.server_ports(summary, "host-cpu") == [server.port]
+    assert "server:host-cpu" in rpc.text_summary(tracker.address)
+    out = subprocess.run(["make", "-s", "rpc-query", f"RPC_TRACKER={tracker.address}"], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and f":{server.port}" in out.stdout and "host-cpu" in out.stdout, out
+    child = server.proc._proc.pid
+    server.terminate()
+    deadline = time.time() + 10
     while rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") and time.time() < deadline:
         time.sleep(0.2)
     assert rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") == 0
+    assert subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip() in ("", "Z")
+    t0 = time.time()
     with pytest.raises(rpc.RPCError, match="cannot reach"):
         rpc.query_tracker("127.0.0.1", rpc.free_port())
+    assert time.time() - t0 < 5                                   # not TVM's 60 s connect retry
