@@ -6,6 +6,8 @@ import base64
 import html
 from pathlib import Path
 
+from .board import BOARD_METHOD, EMULATED_NOTE
+
 
 def fmt_ms(x: float | None) -> str:
     if x is None:
@@ -32,8 +34,12 @@ def pct_of_peak(gflops: float, p: dict | None) -> str:
     return f"{100 * frac:.1f}%"
 
 
+def emulated(doc: dict) -> bool:
+    return bool((doc["provenance"].get("board") or {}).get("emulated"))
+
+
 def summarize(doc: dict) -> dict:
-    rows = []
+    rows, compare = [], not emulated(doc)        # an emulator's timings support no comparison
     for t in doc["config"]["threads"]:
         e2e = {e["variant"]: e for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
         chk = {v["name"]: next((c for c in v["checks"] if c["threads"] == t), {}) for v in doc["variants"]}
@@ -48,8 +54,8 @@ def summarize(doc: dict) -> dict:
                 s = e2e[v["name"]]["stats"]
                 row.update(median_ms=s["median"], p10_ms=s["p10"], p90_ms=s["p90"], ci95_ms=s["ci95"], n=s["n"],
                            noise=e2e[v["name"]]["noise"], check_ok=chk[v["name"]].get("ok"),
-                           vs_stock=stock / s["median"] if stock else None, fastest_peer=fp,
-                           vs_fastest_peer=peers[fp] / s["median"] if fp else None)
+                           vs_stock=stock / s["median"] if stock and compare else None, fastest_peer=fp,
+                           vs_fastest_peer=peers[fp] / s["median"] if fp and compare else None)
             rows.append(row)
     return {"headline": rows}
 
@@ -157,6 +163,8 @@ def _machine(doc: dict) -> list[str]:
                 ["load average", f"start {m['load_average_start']}, end {p.get('load_average_end')}"],
                 ["versions", ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)],
                 ["target", f"{p['target']['name']}: {p['target'].get('tvm_target')}"], ["git", p["git"] or "–"],
+                *([["board", ", ".join(f"{k} {v}" for k, v in p["board"].items() if k != "features")]]
+                  if p.get("board") else []),
                 ["command", p["command"]], ["duration", f"{p.get('seconds', '–')} s"]])]
 
 
@@ -177,6 +185,7 @@ def render(doc: dict, out: Path, plots: dict[str, str]) -> str:
          f"<p>Target <code>{p['target']['name']}</code>, batch 1, fp32, weights: {html.escape(m['weights'])}"
          + (f", {m['mult_adds'] / 1e6:.1f}M mult-adds (counted from the ONNX graph)" if m.get("mult_adds") else "")
          + f". {p['date']}. Status: <b>{doc['status']}</b>.</p>", *_warnings(doc),
+         *([f"<p class='emulated'><b>⚠ {EMULATED_NOTE}</b></p>"] if emulated(doc) else []),
          "<h2>End to end</h2><p>Only ratios within one interleaved run count: absolute times on a shared machine "
          "drift by more than the differences between variants. Noise = (p90 − p10) / median of the variant's "
          "per-block medians.</p>"]
@@ -196,7 +205,7 @@ def render(doc: dict, out: Path, plots: dict[str, str]) -> str:
             [[g["variant"], f"{g['alpha']:g}", g["resolution"], f"{g['mult_adds'] / 1e6:.0f}",
               g["accuracy"] or "–", fmt_ms(g["stats"].get("median"))] for g in doc["grid"]]),
               _img(out, plots.get("grid"), "Latency against mult-adds")]
-    h += [*_machine(doc), METHOD, f"<p><b>{html.escape(closing_line(doc))}</b></p>"]
+    h += [*_machine(doc), BOARD_METHOD if p.get("board") else METHOD, f"<p><b>{html.escape(closing_line(doc))}</b></p>"]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(m['name'])}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(h) + "\n</body></html>\n")
 
@@ -215,7 +224,8 @@ def write_report(out: str | Path, doc: dict) -> Path:
         except Exception as e:          # a broken plot must not lose the report
             doc.setdefault("plot_errors", []).append(f"{key}.png: {type(e).__name__}: {e}")
     (out / "report.html").write_text(render(doc, out, made))
-    md = [f"# {doc['model']['name']} on {doc['provenance']['machine']['cpu_model']} ({doc['status']})", ""]
+    md = [f"# {doc['model']['name']} on {doc['provenance']['machine']['cpu_model']} ({doc['status']})", "",
+          *([f"**⚠ {EMULATED_NOTE}**", ""] if emulated(doc) else [])]
     for t in doc["config"]["threads"]:
         head, body = _headline(doc, t)
         md += [f"## {t} thread(s)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -49,6 +49,9 @@ class BenchConfig:
     quick_peak: bool = False
     spin: bool = True                   # False: every pool blocks when idle (measure.NO_SPIN_ENV)
     out: str | None = None
+    rpc_tracker: str | None = None      # HOST:PORT: measure on the board registered under rpc_key
+    rpc_key: str | None = None
+    board_peers: str | None = None      # board_peers' JSON, produced on the board
 
     def default_out(self) -> Path:
         stem = Path(self.onnx).stem if self.onnx else f"{self.model}-{self.alpha:g}-{self.resolution}"
@@ -112,16 +115,27 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from . import variants
     from .results import FORMAT, RESULTS, provenance, save as _save
 
-    spec = targets.load(cfg.target)
-    if spec.arch != machine_arch() or spec.device != "cpu":
+    import psutil
+
+    spec, remote, names = targets.load(cfg.target), None, cfg.variants
+    if cfg.rpc_tracker:
+        from . import board as B
+        B.check_config(cfg, spec)
+        remote = B.connect(cfg.rpc_tracker, cfg.rpc_key)
+        machine, board = B.identity(remote)
+        cores, names = board["cores"] or 1, [n for n in cfg.variants if n in variants.TVM_VARIANTS]
+    elif spec.arch != machine_arch() or spec.device != "cpu":
         raise MbnError(f"target {spec.name!r} ({spec.arch}, {spec.device}) does not run on this {machine_arch()} "
-                       "CPU: a bench times the library where it runs (run it on the board)")
+                       "CPU: bench on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
+    else:
+        cores = len(psutil.Process().cpu_affinity())
     out = Path(cfg.out) if cfg.out else cfg.default_out()
     out.mkdir(parents=True, exist_ok=True)
-    import psutil
-    threads = sorted(set(cfg.threads or [1, len(psutil.Process().cpu_affinity())]))
-    vs = variants.resolve(cfg.variants, cfg.base_build(), cfg.target, cfg.database, cfg.ms_database,
+    threads = sorted(set(cfg.threads or [1, cores]))
+    vs = variants.resolve(names, cfg.base_build(), cfg.target, cfg.database, cfg.ms_database,
                           onnx_only=bool(cfg.onnx), artifacts=cfg.artifacts)
+    if remote:
+        vs += [variants.Variant(n, "peer", label, runtime=n) for n, label in B.PEERS.items()]
     for v in vs:
         if v.database and v.ok:      # build from a copy: a tuner may be appending to the original
             snap = out / "databases" / v.name
@@ -135,6 +149,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         "provenance": provenance(spec), "model": {"name": name, "onnx": cfg.onnx, "weights": weights},
         "peak": [], "variants": [dict(asdict(v), checks=[]) for v in vs], "e2e": [], "layers": [],
         "grid": [], "isolation": {}, "log": []}
+    if remote:
+        doc["provenance"].update(host_machine=doc["provenance"]["machine"], machine=machine,
+                                 board={**board, "tracker": cfg.rpc_tracker, "key": cfg.rpc_key})
     save = lambda: _save(out / RESULTS, doc)  # noqa: E731
     t_start = time.perf_counter()
 
@@ -146,7 +163,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, term)
     try:
-        _run(cfg, out, threads, vs, doc, save, say)
+        _run(cfg, out, threads, vs, doc, save, say, remote)
         doc["status"] = "complete"
     except BaseException as e:
         doc["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -166,7 +183,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     return out
 
 
-def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, say) -> None:
+def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, say, remote=None) -> None:
     from .measure import spin_settings
 
     logs, vrec = out / "logs", {r["name"]: r for r in doc["variants"]}
@@ -176,6 +193,9 @@ def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, s
     doc["model"].update(input_shape=model["input_shape"], layers=model["layers"],
                             mult_adds=sum(l["mult_adds"] for l in model["layers"]))
     doc["isolation"] = {"spin_settings": spin_settings(cfg.spin), "order": "random per round", "fence": {}}
+    if remote:
+        doc["isolation"]["spin_settings"] = {"board": "one RPC server process; TVM's pool set per thread count "
+                                             "by runtime.config_threadpool"}
     for v in [v for v in vs if v.ok and v.kind == "tvm"]:
         try:
             say(f"build {v.name} ..." if not v.artifact else f"{v.name}: {v.artifact}")
@@ -188,6 +208,14 @@ def _run(cfg: BenchConfig, out: Path, threads: list[int], vs, doc: dict, save, s
             vrec[v.name].update(status=v.status, note=v.note)
             say(f"  {v.note}")
         save()
+    if remote:
+        from . import board as B
+        tvm_vs = [v for v in vs if v.ok and v.kind == "tvm"]
+        say(f"on the board ({doc['provenance']['machine']['cpu_model']}): {', '.join(v.name for v in tvm_vs)}")
+        B.measure(cfg, remote, tvm_vs, threads, model, doc, save, say)
+        B.merge_peers(B.peers(cfg, model, doc["provenance"]["board"], threads, say),
+                      [v for v in vs if v.kind == "peer"], doc)
+        return say("per layer and machine peak: not measured on boards (end to end only)")
     for t in threads if cfg.peak else []:
         p = _ask({"variant": "peak", "runtime": "peak", "threads": t, "target": cfg.target},
                  {"cmd": "peak", "quick": cfg.quick_peak}, logs)
@@ -218,12 +246,26 @@ def _ask(spec: dict, cmd: dict, logs: Path) -> dict:
         w.close()
 
 
-def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, warmup, vrec=None) -> dict:
-    """Time `vs` at `t` threads, appending one series per variant to `dest` as it grows."""
+def new_series(variant: str, threads: int) -> dict:
+    return {"variant": variant, "threads": threads, "samples_ms": [], "rounds": [], "block_medians_ms": [],
+            "stats": {"n": 0}, "noise": None}
+
+
+def add_block(e: dict, r: int, samples: list[float]) -> None:
     import numpy as np
 
-    from .measure import interleaved, noise, start_workers
+    from .measure import noise
     from .results import stats
+
+    e["samples_ms"] += samples
+    e["rounds"].append(r)
+    e["block_medians_ms"].append(float(np.median(samples)))
+    e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
+
+
+def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, warmup, vrec=None) -> dict:
+    """Time `vs` at `t` threads, appending one series per variant to `dest` as it grows."""
+    from .measure import interleaved, start_workers
 
     say(f"end to end, {t} thread(s): loading {len(vs)} variants ...")
     workers, entry = {}, {}
@@ -237,16 +279,11 @@ def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, wa
                                              f"ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})"))
             if w:
                 workers[s["variant"]] = w
-                entry[s["variant"]] = {"variant": s["variant"], "threads": t, "samples_ms": [], "rounds": [],
-                                       "block_medians_ms": [], "stats": {"n": 0}, "noise": None}
+                entry[s["variant"]] = new_series(s["variant"], t)
         dest += entry.values()
 
         def on_block(name, r, samples):
-            e = entry[name]
-            e["samples_ms"] += samples
-            e["rounds"].append(r)
-            e["block_medians_ms"].append(float(np.median(samples)))
-            e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
+            add_block(entry[name], r, samples)
             save()
 
         def progress(msg):

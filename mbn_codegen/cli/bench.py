@@ -62,6 +62,11 @@ def add_parser(sub) -> None:
       "(OMP_WAIT_POLICY=PASSIVE, TVM_THREAD_POOL_SPIN_COUNT=0, ONNX Runtime allow_spinning=0)")
     a("--quick", action="store_true", help="few repetitions (smoke test; numbers are rough)")
     a("--out", help="report folder (default reports/<model>-<alpha>-<res>-<target>-<date>)")
+    a("--rpc-tracker", metavar="HOST:PORT", help="bench on the board registered with this TVM RPC tracker "
+      "(TVM variants built for --target, uploaded, timed there end to end)")
+    a("--rpc-key", help="the board's key at the tracker (its rpc_server --key)")
+    a("--board-peers", metavar="FILE.json", help="peers measured on the board by "
+      "`python -m mbn_codegen.bench.board_peers model.onnx > FILE.json`, merged into the board report")
     a("--compare", nargs=2, metavar=("A", "B"), help="compare two report folders (A = before, B = after)")
     a("--report-only", metavar="DIR", help="regenerate the report and plots from DIR/results.json")
 

@@ -1,0 +1,179 @@
+"""A bench on a board over TVM's RPC tracker: each TVM variant's library is uploaded and timed
+there end to end with the remote VM's time_evaluator, interleaved (blocks per variant, random order
+per round). No per-kernel timing: the VM's instrument hook cannot take a callback over RPC, and
+neither the executable's time_evaluator nor the VM reaches kernel symbols. Peers run on the board
+through board_peers, whose JSON is merged."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from ..errors import MbnError
+
+PEERS = {"onnxruntime": "ONNX Runtime (on the board)", "litert": "LiteRT / XNNPACK (on the board)"}
+EMULATED_NOTE = ("Timings come from qemu-aarch64 emulating the board on an x86 host: they say nothing about any "
+                 "board's speed, and this report draws no comparison from them (plumbing check only).")
+
+BOARD_METHOD = ("<h2>Method</h2><p>On the board, through TVM's RPC tracker: each TVM variant's library uploaded "
+                "into one RPC session, output checked against ONNX Runtime's (run on the host); per thread count "
+                "(runtime.config_threadpool), warm-up, then interleaved rounds in random order, each block one "
+                "remote time_evaluator call of `reps` repeats of main. No per-kernel timing: the VM's instrument "
+                "hook takes no callback over RPC. Peers were timed by board_peers on the board in their own "
+                "process, not interleaved with TVM's variants.</p>")
+
+
+class BoardBenchError(MbnError):
+    """A board bench that cannot run as asked; the message says what to change."""
+
+
+def connect(tracker: str, key: str):
+    from .. import rpc
+
+    host, port = rpc.parse_address(tracker)
+    rpc.check_tracker(host, port, key)
+    return rpc.request_session(host, port, key)
+
+
+def _cpuinfo(text: str) -> dict:
+    out = {}
+    for line in (text or "").splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip() not in out:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def identity(remote) -> tuple[dict, dict]:
+    """(provenance machine, board facts) from the board: our server's board_info global (full
+    /proc/cpuinfo), else sysfs files through remote.download (a stock tvm.exec.rpc_server, whose
+    download cannot read /proc files: they have no size)."""
+    from .. import rpc
+
+    try:
+        info = json.loads(remote.get_function(rpc.BOARD_INFO)())
+    except Exception:
+        def dl(path):
+            try:
+                return bytes(remote.download(path)).rstrip(b"\0").decode(errors="replace").strip()
+            except Exception:
+                return None
+        cpu = "/sys/devices/system/cpu"
+        online = dl(f"{cpu}/online") or ""
+        cores = sum(int(b) - int(a) + 1 for a, _, b in (r.partition("-") if "-" in r else (r, "", r)
+                                                      for r in online.split(",") if r))
+        info = {"cpuinfo": None, "online": online, "cores": cores or None, "usable_cores": cores or None,
+                "governor": dl(f"{cpu}/cpu0/cpufreq/scaling_governor"), "max_khz": dl(f"{cpu}/cpu0/cpufreq/cpuinfo_max_freq"),
+                "model": dl("/proc/device-tree/model"), "midr": dl(f"{cpu}/cpu0/regs/identification/midr_el1"),
+                "machine": None, "emulated": None, "source": "remote.download of sysfs (stock rpc_server)"}
+    c = _cpuinfo(info.get("cpuinfo"))
+    x86_host = "vendor_id" in c and info.get("machine") == "aarch64"          # qemu-user shows the host's
+    emulated = info.get("emulated") or ("qemu-user (host /proc/cpuinfo)" if x86_host else None)
+    model = (info.get("model") or c.get("model name") or c.get("Hardware")
+             or (f"implementer {c['CPU implementer']} part {c['CPU part']}" if "CPU part" in c else None)
+             or (f"MIDR {info['midr']}" if info.get("midr") else "unknown"))
+    features = (c.get("Features") or c.get("flags") or "").split()
+    mem = re.search(r"MemTotal:\s+(\d+) kB", info.get("meminfo") or "")
+    machine = {"cpu_model": model + (" [EMULATED: qemu-aarch64]" if emulated else ""),
+               "arch": info.get("machine") or "aarch64", "usable_cores": info.get("usable_cores") or 1,
+               "mhz": int(info["max_khz"]) / 1e3 if (info.get("max_khz") or "").isdigit() else None,
+               "simd_flags": sorted(f for f in features if f.startswith(("asimd", "sve", "fp", "neon"))),
+               "memory_bytes": int(mem.group(1)) * 1024 if mem else None, "os": None, "load_average_start": None}
+    board = {"governor": info.get("governor"), "cores": info.get("cores"), "features": features,
+             "emulated": emulated, "identity_source": info.get("source")}
+    return machine, board
+
+
+def peers(cfg, model: dict, board: dict, threads: list[int], say) -> dict:
+    """board_peers' JSON: --board-peers FILE, or run under the local emulator when the board is it."""
+    if cfg.board_peers:
+        return json.loads(Path(cfg.board_peers).read_text())
+    cmd = ["-m", "mbn_codegen.bench.board_peers", model["onnx"], "--input", model["input"], "--reference",
+           model["reference"], "--threads", ",".join(map(str, threads)), "--rounds", str(cfg.rounds),
+           "--reps", str(cfg.reps), "--warmup", str(cfg.warmup)]
+    if board["emulated"]:
+        from ..emulation import run_python_arm64
+
+        say("peers: board_peers under the local arm64 emulator ...")
+        r = run_python_arm64(cmd, timeout=1800)
+        if r.returncode == 0:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        note = f"board_peers failed under emulation: {r.stderr.strip()[-300:]}"
+    else:
+        note = (f"not measured: on the board run `python3 {' '.join(cmd[:3])} model.onnx --input input.npy "
+                f"--reference reference.npy > peers.json` (files in {Path(model['onnx']).parent}), then pass "
+                "--board-peers peers.json")
+    return {"peers": {n: {"status": "unavailable", "note": note} for n in PEERS}}
+
+
+def measure(cfg, remote, vs, threads: list[int], model: dict, doc: dict, save, say) -> None:
+    """Upload each variant, check its output, then interleaved blocks of time_evaluator repeats."""
+    import numpy as np
+
+    from .._tvm import relax, tvm
+    from .run import add_block, new_series
+
+    dev, x, ref = remote.cpu(), np.load(model["input"]), np.load(model["reference"])
+    xt, vms = tvm.runtime.tensor(x, dev), {}
+    vrec = {r["name"]: r for r in doc["variants"]}
+    for v in vs:
+        lib = Path(v.artifact) / json.loads((Path(v.artifact) / "manifest.json").read_text())["library"]["file"]
+        try:
+            remote.upload(str(lib), target=f"{v.name}.so")
+            vm = relax.VirtualMachine(remote.load_module(f"{v.name}.so"), dev)
+            y = vm["main"](xt).numpy()
+        except Exception as e:
+            v.status, v.note = "failed", f"failed on the board: {type(e).__name__}: {str(e)[:300]}"
+            vrec[v.name].update(status=v.status, note=v.note)
+            say(f"  {v.note}")
+            continue
+        ok = bool(np.allclose(y, ref, rtol=1e-3, atol=1e-3 * abs(ref).max()) and y.argmax() == ref.argmax())
+        vrec[v.name]["checks"] += [{"threads": t, "ok": ok, "max_abs_err": float(np.abs(y - ref).max()),
+                                    "oracle": "onnxruntime (host)"} for t in threads]
+        vms[v.name] = vm
+    pool = remote.get_function("runtime.config_threadpool")
+    rng = random.Random(cfg.seed)
+    for t in threads:
+        pool(1, t)                                     # big cores first, t threads
+        entry = {n: new_series(n, t) for n in vms}
+        doc["e2e"] += entry.values()
+        timers = {n: vm.time_evaluator("main", dev, number=1, repeat=cfg.reps) for n, vm in vms.items()}
+        for vm in vms.values():
+            vm.time_evaluator("main", dev, number=1, repeat=max(1, cfg.warmup))(xt)
+        for r in range(cfg.rounds):
+            order = rng.sample(list(vms), len(vms))
+            for n in order:
+                add_block(entry[n], r, [s * 1e3 for s in timers[n](xt).results])
+                save()
+            say(f"  {t} thread(s), round {r + 1}/{cfg.rounds} ({' '.join(order)})   " + "  ".join(
+                f"{n} {e['stats']['median']:.2f}" for n, e in entry.items()) + " ms")
+
+
+def merge_peers(result: dict, vs, doc: dict) -> None:
+    from .run import add_block, new_series
+
+    vrec = {r["name"]: r for r in doc["variants"]}
+    for v in vs:
+        p = result.get("peers", {}).get(v.name, {"status": "unavailable", "note": "not in the board_peers JSON"})
+        if p["status"] != "ok":
+            v.status, v.note = "unavailable", p["note"]
+            vrec[v.name].update(status=v.status, note=v.note)
+            continue
+        for s in p["series"]:
+            e = new_series(v.name, s["threads"])
+            for r, block in enumerate(s["blocks_ms"]):
+                add_block(e, r, block)
+            doc["e2e"].append(e)
+            vrec[v.name]["checks"].append({"threads": s["threads"], **(s["check"] or {"ok": True})})
+        vrec[v.name]["note"] = v.note = "measured by board_peers on the board, not interleaved with TVM's variants"
+
+
+def check_config(cfg, spec) -> None:
+    if spec.device != "cpu":
+        raise BoardBenchError(f"target {spec.name!r} is a {spec.device} target: a board bench times CPU libraries")
+    if not cfg.rpc_key:
+        raise BoardBenchError("--rpc-tracker needs --rpc-key (the key the board's rpc_server registered with)")
+    if cfg.grid or cfg.artifacts:
+        raise BoardBenchError("--grid and --artifact are host-only; run the board bench without them")
+
