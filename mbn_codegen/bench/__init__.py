@@ -1,6 +1,5 @@
-"""Benchmark reports: tuned vs stock TVM kernels vs the runtimes a user would pick instead.
-`run_bench(BenchConfig(...))` writes a folder with results.json (validated against schema.json),
-report.html (self-contained), report.md (the headline) and PNG plots."""
+"""Benchmark reports: tuned vs stock TVM kernels vs the runtimes a user would pick instead; on this
+host or on a board over TVM's RPC (board.py). Writes results.json, report.html/.md, PNG plots."""
 from __future__ import annotations
 
 from .run import BenchConfig, run_bench  # noqa: F401

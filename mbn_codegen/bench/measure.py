@@ -55,8 +55,7 @@ class Worker:
         self.proc.stdin.flush()
 
     def request(self, obj: dict | None = None) -> dict:
-        """Send obj (None: just read the ready reply) and return the reply; WorkerError if the worker
-        is gone or the command failed."""
+        """Send obj (None: read the ready reply); WorkerError if the worker is gone or failed."""
         try:
             if obj is not None:
                 self.proc.stdin.write(json.dumps(obj) + "\n")

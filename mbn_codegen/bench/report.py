@@ -10,9 +10,7 @@ from .board import BOARD_METHOD, EMULATED_NOTE
 
 
 def fmt_ms(x: float | None) -> str:
-    if x is None:
-        return "–"
-    return next((f.format(x) for lim, f in ((100, "{:.0f}"), (10, "{:.1f}"), (1, "{:.2f}")) if x >= lim), f"{x:.3f}")
+    return "–" if x is None else next((f.format(x) for lim, f in ((100, "{:.0f}"), (10, "{:.1f}"), (1, "{:.2f}")) if x >= lim), f"{x:.3f}")
 
 
 def fmt_x(r: float | None) -> str:
@@ -25,13 +23,8 @@ def peak(doc: dict, t: int) -> dict | None:
 
 def pct_of_peak(gflops: float, p: dict | None) -> str:
     """Against the FMA loop, which no kernel can beat: a kernel above it means the peak is wrong."""
-    if not p:
-        return "–"
-    frac = gflops / p["fma_gflops"]
-    if frac > 1:
-        return "above peak: peak wrong"
-    assert 0 <= frac <= 1
-    return f"{100 * frac:.1f}%"
+    frac = gflops / p["fma_gflops"] if p else None
+    return "–" if frac is None else "above peak: peak wrong" if frac > 1 else f"{100 * frac:.1f}%"
 
 
 def emulated(doc: dict) -> bool:
@@ -87,7 +80,7 @@ def _headline(doc: dict, t: int) -> tuple[list[str], list[list]]:
              f"{fmt_ms(r['ci95_ms'][0])} – {fmt_ms(r['ci95_ms'][1])}",
              "–" if r["noise"] is None else f"{100 * r['noise']:.1f}%", fmt_x(r["vs_stock"]),
              fmt_x(r["vs_fastest_peer"]), r["n"], {True: "✓", False: "✗ differs"}.get(r["check_ok"], "–")]
-            for r in sorted((r for r in rows if "median_ms" in r), key=lambda r: r["median_ms"])]
+            for r in sorted((r for r in rows if "median_ms" in r), key=lambda r: 0 if emulated(doc) else r["median_ms"])]
     body += [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"]
              for r in rows if "median_ms" not in r]
     return (["variant", "median ms", "p10 – p90", "95% CI of median", "noise", "vs stock",

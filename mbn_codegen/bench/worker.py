@@ -1,11 +1,6 @@
-"""One benchmark subprocess: loads one runtime at one thread count and times it on request.
-
-A process per (variant, threads): TVM reads TVM_NUM_THREADS when its pool starts, OpenMP its
-variables at load, and the coordinator can tell from a process's CPU time that its pools are idle.
-JSON lines: the first line is the spec, the reply {"ok", "check", "load_s"}; then commands
-{"cmd": "time", "n", "warmup"} | {"cmd": "layers", "rounds"} | {"cmd": "peak", "quick"} until the
-input ends. Whatever a runtime prints goes to stderr (a log file).
-"""
+"""One benchmark subprocess per (variant, threads): pools read their thread count at start, and
+its CPU time tells the coordinator its pools are idle. JSON lines: spec -> {"ok", "check", "load_s"},
+then {"cmd": "time"|"layers"|"peak", ...} until the input ends; runtime prints go to stderr (a log)."""
 from __future__ import annotations
 
 import json
