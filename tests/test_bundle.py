@@ -29,7 +29,7 @@ import pytest
 
 from mbn_codegen.bundle import (COMPILE_MODULES, BundleError, CompilerNotInstalledError, build_wheel, bundle,
                                 compiler_missing)
-from mbn_codegen.emulation import arm64_root, qemu_available
+from mbn_codegen.emulation import arm64_root
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHA, RES = 0.25, 32

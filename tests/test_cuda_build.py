@@ -7,7 +7,6 @@ package on the board). mbn_codegen.cuda.compile_with_nvcc compiles them with nvc
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time

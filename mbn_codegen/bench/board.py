@@ -112,7 +112,7 @@ def measure(cfg, remote, vs, threads: list[int], model: dict, doc: dict, save, s
     import numpy as np
 
     from .._tvm import relax, tvm
-    from .run import add_block, new_series
+    from .results import add_block, new_series
 
     dev, x, ref = remote.cpu(), np.load(model["input"]), np.load(model["reference"])
     xt, vms = tvm.runtime.tensor(x, dev), {}
@@ -151,7 +151,7 @@ def measure(cfg, remote, vs, threads: list[int], model: dict, doc: dict, save, s
 
 
 def merge_peers(result: dict, vs, doc: dict) -> None:
-    from .run import add_block, new_series
+    from .results import add_block, new_series
 
     vrec = {r["name"]: r for r in doc["variants"]}
     for v in vs:

@@ -73,3 +73,17 @@ def provenance(spec) -> dict:
                         "load_average_start": [round(x, 2) for x in psutil.getloadavg()]},
             "versions": {**versions, "python": platform.python_version()}, "git": git,
             "target": spec.to_dict(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
+def new_series(variant: str, threads: int) -> dict:
+    return {"variant": variant, "threads": threads, "samples_ms": [], "rounds": [], "block_medians_ms": [],
+            "stats": {"n": 0}, "noise": None}
+
+
+def add_block(e: dict, r: int, samples: list[float]) -> None:
+    from .measure import noise
+
+    e["samples_ms"] += samples
+    e["rounds"].append(r)
+    e["block_medians_ms"].append(float(np.median(samples)))
+    e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))

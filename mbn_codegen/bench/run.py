@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from .results import add_block, new_series
 from .variants import DEFAULT_VARIANTS
 
 GRID_DEFAULT_VARIANTS = ("stock", "ours", "onnxruntime")
@@ -244,23 +245,6 @@ def _ask(spec: dict, cmd: dict, logs: Path) -> dict:
         return w.request(cmd)
     finally:
         w.close()
-
-
-def new_series(variant: str, threads: int) -> dict:
-    return {"variant": variant, "threads": threads, "samples_ms": [], "rounds": [], "block_medians_ms": [],
-            "stats": {"n": 0}, "noise": None}
-
-
-def add_block(e: dict, r: int, samples: list[float]) -> None:
-    import numpy as np
-
-    from .measure import noise
-    from .results import stats
-
-    e["samples_ms"] += samples
-    e["rounds"].append(r)
-    e["block_medians_ms"].append(float(np.median(samples)))
-    e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
 
 
 def _interleave(cfg, vs, t, model, logs, dest: list, save, say, rounds, reps, warmup, vrec=None) -> dict:

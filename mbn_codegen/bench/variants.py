@@ -4,7 +4,7 @@ in the report with the reason."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TVM_VARIANTS = ("stock", "metaschedule", "ours", "ours-tuned")
