@@ -75,7 +75,7 @@ def test_emulated_python_is_aarch64():
     assert pkg == "mbn_codegen"
 
 
-# Lightest runtime path (TVM_NOTES section 6): tvm_ffi + ctypes-loaded libtvm_runtime.so, no tvm.
+# Lightest runtime path: tvm_ffi + ctypes-loaded libtvm_runtime.so, no tvm.
 _RUNNER = textwrap.dedent("""
     import ctypes, importlib.util, os, sys
     import numpy as np, tvm_ffi

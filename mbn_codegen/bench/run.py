@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from ..model_spec import ModelSpec, with_model_fields
 from .results import add_block, new_series
 from .variants import DEFAULT_VARIANTS
 
@@ -20,16 +21,11 @@ PAPER_TOP1 = {(1.0, 224): 70.6, (1.0, 192): 69.1, (1.0, 160): 67.2, (1.0, 128): 
               (0.75, 224): 68.4, (0.5, 224): 63.7, (0.25, 224): 50.6}
 
 
+@with_model_fields
 @dataclass
 class BenchConfig:
-    model: str = "mobilenet_v1"
-    alpha: float = 1.0
-    resolution: int = 224
-    num_classes: int = 1000
-    weights: str | None = None
-    onnx: str | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)   # flat keywords (alpha=...) work too
     target: str = "x86_64"
-    seed: int = 0
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     database: str | None = None
     ms_database: str | None = None
@@ -54,13 +50,19 @@ class BenchConfig:
     rpc_key: str | None = None
     board_peers: str | None = None      # board_peers' JSON, produced on the board
 
+    @property
+    def seed(self) -> int:
+        return self.model.seed
+
     def default_out(self) -> Path:
-        stem = Path(self.onnx).stem if self.onnx else f"{self.model}-{self.alpha:g}-{self.resolution}"
-        return Path("reports") / f"{stem}-{Path(self.target).stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        return Path("reports") / f"{self.model.stem()}-{Path(self.target).stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def base_build(self) -> dict:
-        return {"model": self.model, "alpha": self.alpha, "resolution": self.resolution, "seed": self.seed,
-                "num_classes": self.num_classes, "weights": self.weights, "onnx": self.onnx, "target": self.target}
+        """The model and target as flat keywords (BuildConfig takes them; workers get them as JSON)."""
+        m = self.model
+        return {"model": m.name, "alpha": m.alpha, "resolution": m.zoo_resolution if not m.onnx else m.resolution,
+                "seed": m.seed, "num_classes": m.num_classes, "weights": m.weights, "onnx": m.onnx,
+                "target": self.target}
 
 
 def prepare_model(cfg: BenchConfig, d: Path) -> dict:
@@ -68,22 +70,14 @@ def prepare_model(cfg: BenchConfig, d: Path) -> dict:
     graph's compute layers with their mult-adds."""
     import numpy as np
 
-    from ..export import export_onnx, fix_input_shape, load_onnx, onnxruntime_run
-    from ..models import create
-    from ..models.calibrate import make_live
     from .layers import onnx_layers
 
     d.mkdir(parents=True, exist_ok=True)
-    onnx = d / "model.onnx"
-    if cfg.onnx:
-        shutil.copyfile(cfg.onnx, onnx)
-    else:
-        m = create(cfg.model, cfg.alpha, cfg.resolution, cfg.num_classes, cfg.weights)
-        export_onnx(make_live(m, seed=cfg.seed) if cfg.weights is None else m, onnx, cfg.resolution)
-    _, shape = fix_input_shape(load_onnx(onnx))
-    x = np.random.default_rng(cfg.seed + 12345).standard_normal(shape).astype("float32")
+    prepared = cfg.model.write_onnx(d / "model.onnx", log=lambda s: None)
+    onnx, shape = prepared.path, prepared.shape
+    x, y = cfg.model.reference(prepared)
     np.save(d / "input.npy", x)
-    np.save(d / "reference.npy", onnxruntime_run(onnx, x))
+    np.save(d / "reference.npy", y)
     return {"onnx": str(onnx), "input": str(d / "input.npy"), "reference": str(d / "reference.npy"),
             "input_shape": list(shape), "layers": onnx_layers(onnx)}
 
@@ -134,7 +128,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     threads = sorted(set(cfg.threads or [1, cores]))
     vs = variants.resolve(names, cfg.base_build(), cfg.target, cfg.database, cfg.ms_database,
-                          onnx_only=bool(cfg.onnx), artifacts=cfg.artifacts)
+                          onnx_only=bool(cfg.model.onnx), artifacts=cfg.artifacts)
     if remote:
         vs += [variants.Variant(n, "peer", label, runtime=n) for n, label in B.PEERS.items()]
     for v in vs:
@@ -143,11 +137,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             shutil.copytree(v.database, snap, dirs_exist_ok=True)
             v.build_kwargs["database"] = str(snap)
             v.label += f" ({variants.database_records(str(snap))} trials)"
-    name = Path(cfg.onnx).name if cfg.onnx else f"{cfg.model} alpha={cfg.alpha:g} res={cfg.resolution}"
-    weights = "from the ONNX file" if cfg.onnx else cfg.weights or f"random (live, seed={cfg.seed})"
+    m = cfg.model
+    name = Path(m.onnx).name if m.onnx else f"{m.name} alpha={m.alpha:g} res={m.zoo_resolution}"
+    weights = "from the ONNX file" if m.onnx else m.weights or f"random (live, seed={m.seed})"
     doc = {
         "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": threads, "out": str(out)},
-        "provenance": provenance(spec), "model": {"name": name, "onnx": cfg.onnx, "weights": weights},
+        "provenance": provenance(spec), "model": {"name": name, "onnx": m.onnx, "weights": weights},
         "peak": [], "variants": [dict(asdict(v), checks=[]) for v in vs], "e2e": [], "layers": [],
         "grid": [], "isolation": {}, "log": []}
     if remote:

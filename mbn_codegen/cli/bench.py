@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark report: tuned vs stock TVM vs PyTorch / ONNX Runtime / OpenVINO, "
                        "end to end and per layer, with plots", description="Writes a report folder (report.html, "
                        "report.md, PNG plots, results.json). Progress goes to stdout; Ctrl-C keeps what was measured.")
-    add_model_args(p)
+    add_model_args(p, resolution_default=None,
+                   resolution_help="input size (default: the model's, 224; with --onnx, the file's own)")
     a = p.add_argument
     a("--weights", help="state_dict file or 'pretrained' (v2); default: live random weights")
     a("--onnx", help="bench this ONNX file instead of a zoo model (no PyTorch variant)")
@@ -87,7 +88,10 @@ def main(args) -> int:
         return 1 if errs else 0
     from ..bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(**{f.name: vars(args)[f.name] for f in dataclasses.fields(BenchConfig) if f.name in vars(args)})
+    from .common import model_spec
+
+    cfg = BenchConfig(model=model_spec(args), **{f.name: vars(args)[f.name] for f in dataclasses.fields(BenchConfig)
+                                                 if f.name in vars(args) and f.name != "model"})
     cfg.artifacts = dict(args.artifacts)
     if args.quick:
         cfg = dataclasses.replace(cfg, rounds=3, reps=2, warmup=2, layer_rounds=2, grid_rounds=2, grid_reps=1,
