@@ -88,6 +88,21 @@ class Rule(dlight.ScheduleRule):
         return out
 
 
+class OneSpaceRule(Rule):
+    """A rule with one design space per device, from the subclass's staticmethods
+    schedule_cpu(sch, block, lanes, knobs), schedule_cuda(sch, block, knobs), cpu_knobs(info,
+    lanes) and cuda_knobs(info)."""
+
+    def spaces(self, info: dict, target) -> list:
+        if is_cuda(target):
+            return [(f"{self.name}_cuda", self.schedule_cuda)]
+        lanes = simd(target)[0]
+        return [(f"{self.name}_v{lanes}", lambda sch, b, k: self.schedule_cpu(sch, b, lanes, k))]
+
+    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
+        return 0, self.cuda_knobs(info) if is_cuda(target) else self.cpu_knobs(info, simd(target)[0])
+
+
 def is_cuda(target) -> bool:
     return target.kind.name == "cuda"
 

@@ -7,8 +7,8 @@ latency, 4 cycles, every step), and tasks over n are spread across cores.
 """
 from __future__ import annotations
 
-from .common import (Rule, cpu_epilogue, cuda_accumulate, cuda_prologue, fuse_epilogue, is_cuda, lanes_for,
-                     largest_divisor, simd, tile)
+from .common import (OneSpaceRule, cpu_epilogue, cuda_accumulate, cuda_prologue, fuse_epilogue, lanes_for,
+                     largest_divisor, tile)
 
 RULE = "mbn_dense"
 
@@ -57,18 +57,14 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     cuda_accumulate(sch, block, out, t, kk)
 
 
-class Dense(Rule):
+class Dense(OneSpaceRule):
     """The classifier's matrix-vector product, weights [K, N]."""
     name = RULE
 
     def matches(self, info: dict) -> bool:
         return info["kind"] == "dense"
 
-    def spaces(self, info: dict, target) -> list:
-        if is_cuda(target):
-            return [(f"{RULE}_cuda", schedule_cuda)]
-        lanes = simd(target)[0]
-        return [(f"{RULE}_v{lanes}", lambda sch, b, k: schedule_cpu(sch, b, lanes, k))]
-
-    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
-        return 0, cuda_knobs(info) if is_cuda(target) else cpu_knobs(info, simd(target)[0])
+    schedule_cpu = staticmethod(schedule_cpu)
+    schedule_cuda = staticmethod(schedule_cuda)
+    cpu_knobs = staticmethod(cpu_knobs)
+    cuda_knobs = staticmethod(cuda_knobs)

@@ -10,8 +10,8 @@ bias+ReLU epilogue, which writes the output once.
 """
 from __future__ import annotations
 
-from .common import (Rule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, is_cuda, lanes_for,
-                     largest_divisor, simd, tile)
+from .common import (OneSpaceRule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, lanes_for,
+                     largest_divisor, tile)
 
 RULE = "mbn_depthwise"
 
@@ -61,18 +61,14 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     cuda_accumulate(sch, block, out, t, ry)
 
 
-class Depthwise(Rule):
+class Depthwise(OneSpaceRule):
     """3x3 depthwise convolutions (one filter per channel), NHWC."""
     name = RULE
 
     def matches(self, info: dict) -> bool:
         return info.get("layout") == "NHWC" and info["kind"] == "depthwise"
 
-    def spaces(self, info: dict, target) -> list:
-        if is_cuda(target):
-            return [(f"{RULE}_cuda", schedule_cuda)]
-        lanes = simd(target)[0]
-        return [(f"{RULE}_v{lanes}", lambda sch, b, k: schedule_cpu(sch, b, lanes, k))]
-
-    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
-        return 0, cuda_knobs(info) if is_cuda(target) else cpu_knobs(info, simd(target)[0])
+    schedule_cpu = staticmethod(schedule_cpu)
+    schedule_cuda = staticmethod(schedule_cuda)
+    cpu_knobs = staticmethod(cpu_knobs)
+    cuda_knobs = staticmethod(cuda_knobs)

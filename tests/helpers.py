@@ -56,3 +56,22 @@ def cannot_run_here(target_name: str) -> str | None:
     if cpu_flags() and missing:
         return f"this CPU lacks {', '.join(sorted(missing))}, which target {target_name} compiles in"
     return None
+
+
+def copy_artifact(artifact, tmp_path):
+    """A copy of an artifact folder to tamper with."""
+    import shutil
+
+    d = tmp_path / "artifact"
+    shutil.copytree(artifact, d)
+    return d
+
+
+def edit_manifest(d, fn) -> None:
+    import json
+
+    from mbn_codegen.runtime import MANIFEST
+
+    m = json.loads((d / MANIFEST).read_text())
+    fn(m)
+    (d / MANIFEST).write_text(json.dumps(m))

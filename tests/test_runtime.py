@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import check_correctness, distinct_inputs
+from helpers import check_correctness, copy_artifact as _copy, distinct_inputs, edit_manifest as _edit_manifest
 from mbn_codegen.build import BuildConfig, build
 from mbn_codegen.errors import (ArchitectureMismatchError, ArtifactError, InputDtypeError,
                                 InputShapeError, SelfCheckError)
@@ -279,18 +279,6 @@ def test_predict_validates_input(model):
 
 # ---------------------------------------------------------------------------------------------
 # Tampered artifacts.
-
-def _copy(artifact: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "artifact"
-    shutil.copytree(artifact, d)
-    return d
-
-
-def _edit_manifest(d: Path, fn) -> None:
-    m = json.loads((d / MANIFEST).read_text())
-    fn(m)
-    (d / MANIFEST).write_text(json.dumps(m))
-
 
 def test_manifest_for_other_arch(artifact, tmp_path):
     d = _copy(artifact, tmp_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import copy_artifact as _copy, edit_manifest as _edit_manifest
 from mbn_codegen.build import BuildConfig, build
 from mbn_codegen.errors import (ArtifactError, InputValueError, MbnError, NonFiniteInputError,
                                 NonFiniteInputWarning, SelfCheckError)
@@ -60,18 +60,6 @@ def _result(p: subprocess.CompletedProcess) -> dict:
     tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-20:])
     assert p.returncode == 0, f"subprocess exited with {p.returncode} (-11 = SIGSEGV):\n{tail}"
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def _copy(artifact: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "artifact"
-    shutil.copytree(artifact, d)
-    return d
-
-
-def _edit_manifest(d: Path, fn) -> None:
-    m = json.loads((d / MANIFEST).read_text())
-    fn(m)
-    (d / MANIFEST).write_text(json.dumps(m))
 
 
 # ---------------------------------------------------------------------------------------------
