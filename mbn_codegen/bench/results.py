@@ -12,7 +12,6 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 FORMAT = "mbn-codegen-bench/2"
 SCHEMA_FILE = Path(__file__).with_name("schema.json")
@@ -54,6 +53,8 @@ def validate(doc: dict) -> list[str]:
 
 def provenance(spec) -> dict:
     from ..runtime import cpu_flags, cpuinfo
+
+    import psutil            # imported here: the CLI loads this module on boards without it
 
     c, freq = cpuinfo(), psutil.cpu_freq()
     try:
