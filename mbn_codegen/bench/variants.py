@@ -68,7 +68,7 @@ def resolve(names: list[str], base: dict, target: str, database: str | None = No
                 v.status, v.note = "unavailable", "an --onnx model has no PyTorch definition"
         out.append(v)
     for label, path in (artifacts or {}).items():
-        v = Variant(label, "tvm", f"artifact {path}", artifact=str(path))
+        v = Variant(label, "tvm", f"{label} ({Path(path).name})", artifact=str(path))
         if not (Path(path) / "manifest.json").is_file():
             v.status, v.note = "unavailable", f"not an artifact directory: {path}"
         out.append(v)
