@@ -6,23 +6,22 @@ from . import schedules
 from .schedules import analyze
 
 
-def conv_kind(func) -> str | None:
-    """'depthwise' | 'pointwise' | 'conv' | 'grouped' | 'dense' | 'reduction' | None."""
-    info = analyze(func)
-    return None if info is None else info["kind"]
-
-
-def call_counts(mod: IRModule) -> dict[str, int]:
-    """How many times the model calls each kernel (identical layers share one kernel)."""
+def _call_tir_sites(mod: IRModule):
+    """Every call_tir binding of the module's Relax functions: (kernel GlobalVar, its arguments)."""
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    counts: dict[str, int] = {}
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             for block in func.body.blocks:
                 for b in block.bindings:
                     if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir):
-                        name = b.value.args[0].name_hint
-                        counts[name] = counts.get(name, 0) + 1
+                        yield b.value.args[0], b.value.args[1].fields
+
+
+def call_counts(mod: IRModule) -> dict[str, int]:
+    """How many times the model calls each kernel (identical layers share one kernel)."""
+    counts: dict[str, int] = {}
+    for gv, _ in _call_tir_sites(mod):
+        counts[gv.name_hint] = counts.get(gv.name_hint, 0) + 1
     return counts
 
 
@@ -59,18 +58,9 @@ def mark_layout_free(mod: IRModule, ctx) -> IRModule:
         return mod
     from ._tvm import Constant
 
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     seen: dict = {}
-    for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
-            continue
-        for block in func.body.blocks:
-            for b in block.bindings:
-                v = b.value
-                if isinstance(v, relax.Call) and v.op.same_as(call_tir):
-                    gv, args = v.args[0], v.args[1].fields
-                    idx = tuple(i for i, a in enumerate(args) if isinstance(a, Constant))
-                    seen.setdefault(gv, set()).add(idx)
+    for gv, args in _call_tir_sites(mod):
+        seen.setdefault(gv, set()).add(tuple(i for i, a in enumerate(args) if isinstance(a, Constant)))
     out = IRModule(mod.functions, attrs=mod.attrs)
     for gv, idx_sets in seen.items():
         if len(idx_sets) == 1:
@@ -90,7 +80,7 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         source.update({r["name"]: "tuned" for r in kernel_table(mod) if r["scheduled"]})
     if ctx.schedules == "ours":
-        choice = getattr(ctx, "kernel_timings", None)       # CUDA: ours or dlight, per kernel
+        choice = ctx.kernel_timings                          # CUDA: ours or dlight, per kernel
         for gv, f in list(mod.functions.items()):
             if isinstance(f, tirx.PrimFunc) and not _scheduled(f):
                 pick, why = choice.pick(gv.name_hint) if choice else ("ours", "")

@@ -29,6 +29,7 @@ class LowerContext:
     database: object | None = None     # a MetaSchedule database; its records win where present
     prepack_weights: bool | None = None  # None: on CPU with our schedules or a database
     propagate_nan: bool = False        # Relu/Clip as ONNX defines them (NaN in, NaN out)
+    kernel_timings: object | None = None  # CUDA: cuda.KernelChoice, ours or dlight per kernel
     notes: dict = field(default_factory=dict)   # phases report what they did here
 
     @property

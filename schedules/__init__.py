@@ -21,18 +21,22 @@ __all__ = ["RULES", "Rule", "analyze", "conv_info", "simd", "vector_lanes", "mat
            "space_fn"]
 
 
-def match(func) -> Rule | None:
+def _match(func) -> tuple[Rule | None, dict | None]:
     info = analyze(func)
-    return next((r for r in RULES if info is not None and r.matches(info)), None)
+    return next((r for r in RULES if info is not None and r.matches(info)), None), info
+
+
+def match(func) -> Rule | None:
+    return _match(func)[0]
 
 
 def default_schedule(func, target) -> tuple[object, str] | None:
     """`func` at our default knobs: (scheduled PrimFunc, design space name), or None."""
-    rule = match(func)
+    rule, info = _match(func)
     if rule is None:
         return None
-    sch = rule.apply(func, target, tunable=False)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), rule.space_name(func, target)
+    sch, name = rule.default(func, info, target)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
 
 
 def space_fn(func, target):

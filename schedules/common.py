@@ -60,22 +60,22 @@ class Rule(dlight.ScheduleRule):
         info = self.analyze(func)
         if info is None:
             return None
-        spaces = self.spaces(info, target)
         if not tunable:
-            i, knobs = self.default_knobs(info, target)
-            sch = Schedule(func)
-            spaces[i][1](sch, sch.get_sblock(info["block"]), knobs)
-            return sch
+            return self.default(func, info, target)[0]
         out = []
-        for _, fn in spaces:
+        for _, fn in self.spaces(info, target):
             sch = Schedule(func)
             fn(sch, sch.get_sblock(info["block"]), None)
             out.append(sch)
         return out
 
-    def space_name(self, func, target) -> str:
-        info = self.analyze(func)
-        return self.spaces(info, target)[self.default_knobs(info, target)[0]][0]
+    def default(self, func, info: dict, target) -> tuple:
+        """`func` at our default knobs, and the name of the design space they are a point of."""
+        i, knobs = self.default_knobs(info, target)
+        name, fn = self.spaces(info, target)[i]
+        sch = Schedule(func)
+        fn(sch, sch.get_sblock(info["block"]), knobs)
+        return sch, name
 
     def design_space(self, sch, target) -> list:
         info = self.analyze(sch.mod["main"])
