@@ -336,14 +336,8 @@ class Model:
         if not f:
             return None
         p = self.dir / f
-        try:
-            labels = p.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise ArtifactError(f"{p} (labels_file in {MANIFEST}) is missing from the artifact: copy "
-                                "the whole artifact directory again, or rebuild it") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"cannot read the labels file {p} ({e}): copy the artifact again, or "
-                                "rebuild it") from None
+        labels = self._read_file(p, "labels_file", lambda q: q.read_text(encoding="utf-8").splitlines(),
+                                 UnicodeDecodeError)
         if len(labels) != self.num_classes:
             raise ArtifactError(f"{p} has {len(labels)} lines but the model has {self.num_classes} classes "
                                 f"(output shape {list(self.output_shape)}): the labels file is truncated or "
@@ -424,15 +418,21 @@ class Model:
         return [(int(i), self.labels[i] if self.labels else str(i), float(p[i])) for i in top]
 
     def _reference_array(self, key: str) -> np.ndarray:
-        p = self.dir / self.manifest["reference"][key]
+        return self._read_file(self.dir / self.manifest["reference"][key], f"reference.{key}",
+                               lambda q: np.load(q, allow_pickle=False), ValueError,
+                               ", so there is nothing to check against")
+
+    @staticmethod
+    def _read_file(p: Path, key: str, read, unreadable: type, missing_note: str = ""):
+        """read(p) for a file the manifest names under `key`, with ArtifactErrors that say so."""
         try:
-            return np.load(p, allow_pickle=False)
+            return read(p)
         except FileNotFoundError:
-            raise ArtifactError(f"{p} (reference.{key} in {MANIFEST}) is missing, so there is nothing to "
-                                "check against: copy the whole artifact directory again, or rebuild it") from None
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"cannot read {p} (reference.{key} in {MANIFEST}): {e}; copy the artifact "
-                                "again, or rebuild it") from None
+            raise ArtifactError(f"{p} ({key} in {MANIFEST}) is missing from the artifact{missing_note}: copy "
+                                "the whole artifact directory again, or rebuild it") from None
+        except (OSError, unreadable) as e:
+            raise ArtifactError(f"cannot read {p} ({key} in {MANIFEST}): {e}; copy the artifact again, or "
+                                "rebuild it") from None
 
     def selfcheck(self, rtol: float | None = None, atol: float | None = None,
                   std_tol: float | None = None) -> dict:
