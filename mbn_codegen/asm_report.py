@@ -133,7 +133,10 @@ def report(artifact: str | Path, mcpu: str | None = None, clock_ghz: float | Non
     clock = clock_ghz or m["target"].get("clock_ghz")
     if not clock:
         raise AsmReportError(f"{art}: the target file gives no clock_ghz; pass --clock-ghz")
-    lanes = 4 if arch == "aarch64" else (16 if "avx512f" in m["target"].get("required_cpu_flags", []) else 8)
+    from ._tvm import Target
+    from .schedules import simd
+
+    lanes = simd(Target(tvm_target))[0]          # the width our schedules vectorised the kernels with
     funcs = disassemble(art / m["library"]["file"], arch)
     peak = peak_fmas_per_cycle(arch, mcpu)
     rows = []

@@ -9,12 +9,6 @@ import time
 ACCUMULATORS = 12      # independent chains >= FMA latency (4-5) x FMA units (2) on Zen 3 / Skylake
 
 
-def lanes_for(spec) -> int:
-    if spec.arch == "x86_64":
-        return 16 if "avx512f" in spec.required_cpu_flags else 8
-    return 4
-
-
 def _kernels(lanes: int, threads: int, n_triad: int):
     from tvm.script import tirx as T        # after mbn_codegen._tvm's version check (measure_peak)
 
@@ -76,7 +70,9 @@ def measure_peak(spec, threads: int, quick: bool = False) -> dict:
 
     from .._tvm import tir_build, tvm
 
-    lanes = lanes_for(spec)
+    from ..schedules import simd
+
+    lanes = simd(spec.tvm_target())[0]        # what our schedules vectorise with
     n_triad = (4 if quick else 16) * (1 << 20) // (threads * lanes) * threads * lanes
     fma, triad = _kernels(lanes, threads, n_triad)
     lib = tir_build(tvm.IRModule({"fma": fma, "triad": triad}), target=spec.tvm_target())
