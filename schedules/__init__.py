@@ -10,14 +10,14 @@ A new rule is one class in this folder, added to RULES.
 from __future__ import annotations
 
 from .analysis import analyze
-from .common import Rule, conv_info, simd, vector_lanes
+from .common import Rule, conv_info, simd
 from .dense import Dense
 from .depthwise import Depthwise
 from .pointwise import Pointwise
 
 RULES: list[Rule] = [Depthwise(), Pointwise(), Dense()]
 
-__all__ = ["RULES", "Rule", "analyze", "conv_info", "simd", "vector_lanes", "match", "default_schedule",
+__all__ = ["RULES", "Rule", "analyze", "conv_info", "simd", "match", "default_schedule",
            "space_fn"]
 
 

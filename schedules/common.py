@@ -22,10 +22,6 @@ def simd(target) -> tuple[int, int]:
     return 4, 16
 
 
-def vector_lanes(target) -> int:
-    return simd(target)[0]
-
-
 def conv_info(func) -> dict | None:
     """The analysis of an NHWC conv kernel that our CPU/CUDA schedules take; None otherwise."""
     info = analyze(func)
