@@ -39,7 +39,7 @@ def doc(report) -> dict:
 
 def test_report_files_and_schema(report, doc):
     assert doc["status"] == "complete"
-    for f in ("report.md", "report.html", "e2e.png", "layers-1.png", "roofline-1.png", "roofline-2.png", "grid.png"):
+    for f in ("report.html", "e2e.png", "layers-1.png", "roofline-1.png", "roofline-2.png", "grid.png"):
         assert (report / f).is_file(), f
     assert validate(doc) == []
     broken = json.loads(json.dumps(doc))
@@ -189,7 +189,7 @@ def test_compare_two_reports(report, doc, tmp_path):
         elif "median_ms" in e:
             e["median_ms"] /= 2
     (b / "results.json").write_text(json.dumps(faster))
-    from mbn_codegen.bench.compare import compare
+    from mbn_codegen.bench.report import compare
 
     r = compare(report, b, out=tmp_path / "cmp")
     assert [x["speedup"] for x in r["e2e"] if x["variant"] == "stock"] == [pytest.approx(2.0)] * 2

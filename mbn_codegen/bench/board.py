@@ -6,7 +6,6 @@ through board_peers, whose JSON is merged."""
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
@@ -107,66 +106,51 @@ def peers(cfg, model: dict, board: dict, threads: list[int], say) -> dict:
     return {"peers": {n: {"status": "unavailable", "note": note} for n in PEERS}}
 
 
-def measure(cfg, remote, vs, threads: list[int], model: dict, doc: dict, save, say) -> None:
-    """Upload each variant, check its output, then interleaved blocks of time_evaluator repeats."""
+def measure(run) -> None:
+    """Upload each TVM variant of `run` (a run.Run), check its output, time it in interleaved blocks
+    of time_evaluator repeats; then merge the peers."""
     import numpy as np
 
     from .._tvm import relax, tvm
-    from .results import add_block, new_series
+    from ..runtime import read_manifest
+    from .results import add_block, check_output, new_series
 
-    dev, x, ref = remote.cpu(), np.load(model["input"]), np.load(model["reference"])
-    xt, vms = tvm.runtime.tensor(x, dev), {}
-    vrec = {r["name"]: r for r in doc["variants"]}
-    for v in vs:
-        lib = Path(v.artifact) / json.loads((Path(v.artifact) / "manifest.json").read_text())["library"]["file"]
+    cfg, remote, say = run.cfg, run.remote, run.say
+    say(f"on the board ({run.doc['provenance']['machine']['cpu_model']}): {', '.join(v.name for v in run.ok('tvm'))}")
+    dev, ref = remote.cpu(), np.load(run.model["reference"])
+    xt, vms = tvm.runtime.tensor(np.load(run.model["input"]), dev), {}
+    for v in run.ok("tvm"):
         try:
-            remote.upload(str(lib), target=f"{v.name}.so")
-            vm = relax.VirtualMachine(remote.load_module(f"{v.name}.so"), dev)
-            y = vm["main"](xt).numpy()
+            remote.upload(str(Path(v.artifact) / read_manifest(v.artifact)["library"]["file"]), target=f"{v.name}.so")
+            vms[v.name] = relax.VirtualMachine(remote.load_module(f"{v.name}.so"), dev)
+            check = check_output(vms[v.name]["main"](xt).numpy(), ref, "onnxruntime (host)")
         except Exception as e:
-            v.status, v.note = "failed", f"failed on the board: {type(e).__name__}: {str(e)[:300]}"
-            vrec[v.name].update(status=v.status, note=v.note)
-            say(f"  {v.note}")
+            run.fail(v, f"failed on the board: {type(e).__name__}: {str(e)[:300]}")
             continue
-        ok = bool(np.allclose(y, ref, rtol=1e-3, atol=1e-3 * abs(ref).max()) and y.argmax() == ref.argmax())
-        vrec[v.name]["checks"] += [{"threads": t, "ok": ok, "max_abs_err": float(np.abs(y - ref).max()),
-                                    "oracle": "onnxruntime (host)"} for t in threads]
-        vms[v.name] = vm
+        v.checks += [{"threads": t, **check} for t in run.threads]
     pool = remote.get_function("runtime.config_threadpool")
-    rng = random.Random(cfg.seed)
-    for t in threads:
+    for t in run.threads:
         pool(1, t)                                     # big cores first, t threads
-        entry = {n: new_series(n, t) for n in vms}
-        doc["e2e"] += entry.values()
-        timers = {n: vm.time_evaluator("main", dev, number=1, repeat=cfg.reps) for n, vm in vms.items()}
-        for vm in vms.values():
+        timers = {}
+        for n, vm in vms.items():
             vm.time_evaluator("main", dev, number=1, repeat=max(1, cfg.warmup))(xt)
-        for r in range(cfg.rounds):
-            order = rng.sample(list(vms), len(vms))
-            for n in order:
-                add_block(entry[n], r, [s * 1e3 for s in timers[n](xt).results])
-                save()
-            say(f"  {t} thread(s), round {r + 1}/{cfg.rounds} ({' '.join(order)})   " + "  ".join(
-                f"{n} {e['stats']['median']:.2f}" for n, e in entry.items()) + " ms")
-
-
-def merge_peers(result: dict, vs, doc: dict) -> None:
-    from .results import add_block, new_series
-
-    vrec = {r["name"]: r for r in doc["variants"]}
-    for v in vs:
+            f = vm.time_evaluator("main", dev, number=1, repeat=cfg.reps)
+            timers[n] = lambda f=f: [s * 1e3 for s in f(xt).results]
+        run.interleave(t, timers, cfg.rounds, run.doc["e2e"], say)
+    result = peers(cfg, run.model, run.doc["provenance"]["board"], run.threads, say)
+    for v in (v for v in run.vs if v.kind == "peer"):
         p = result.get("peers", {}).get(v.name, {"status": "unavailable", "note": "not in the board_peers JSON"})
         if p["status"] != "ok":
             v.status, v.note = "unavailable", p["note"]
-            vrec[v.name].update(status=v.status, note=v.note)
             continue
         for s in p["series"]:
             e = new_series(v.name, s["threads"])
             for r, block in enumerate(s["blocks_ms"]):
                 add_block(e, r, block)
-            doc["e2e"].append(e)
-            vrec[v.name]["checks"].append({"threads": s["threads"], **(s["check"] or {"ok": True})})
-        vrec[v.name]["note"] = v.note = "measured by board_peers on the board, not interleaved with TVM's variants"
+            run.doc["e2e"].append(e)
+            v.checks.append({"threads": s["threads"], **(s["check"] or {"ok": True})})
+        v.note = "measured by board_peers on the board, not interleaved with TVM's variants"
+    say("per layer and machine peak: not measured on boards (end to end only)")
 
 
 def check_config(cfg, spec) -> None:

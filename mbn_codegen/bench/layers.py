@@ -4,22 +4,22 @@ profiler); each call is timed on them warm (back to back) and cold (weights and 
 in rounds interleaved with the whole model: in the graph a kernel takes between the two."""
 from __future__ import annotations
 
-import json
 from math import prod
 from pathlib import Path
 
 import numpy as np
 
-CONSISTENCY_TOLERANCE = 0.15      # slack of the bracket check in `consistency`
+CONSISTENCY_TOLERANCE = 0.15      # slack of the bracket check in `layer_entry`
 VM_CALL_ALLOWANCE_US = 1.0        # VM overhead allowed per VM instruction (kernel calls and builtins)
 
 
 def measure_layers(artifact: str, x: np.ndarray, rounds: int, min_repeat_ms: int = 5) -> dict:
     from .._tvm import relax, tvm
+    from ..runtime import read_manifest
 
-    man = json.loads((Path(artifact) / "manifest.json").read_text())
-    dev, lib = tvm.cpu(0), tvm.runtime.load_module(str(Path(artifact) / man["library"]["file"]))
-    kernels, xt, vm = lib.imports[0], tvm.runtime.tensor(x, tvm.cpu(0)), relax.VirtualMachine(lib, dev)
+    dev = tvm.cpu(0)
+    lib = tvm.runtime.load_module(str(Path(artifact) / read_manifest(artifact)["library"]["file"]))
+    kernels, xt, vm = lib.imports[0], tvm.runtime.tensor(x, dev), relax.VirtualMachine(lib, dev)
     vm["main"](xt)                                # the first call allocates the pooled storage
     calls, other = [], {}
 
@@ -36,22 +36,18 @@ def measure_layers(artifact: str, x: np.ndarray, rounds: int, min_repeat_ms: int
     warm = [kernels.time_evaluator(s, dev, number=1, repeat=1, min_repeat_ms=min_repeat_ms) for s, _ in calls]
     cold = [kernels.time_evaluator(s, dev, number=1, repeat=1, f_preproc="cache_flush_cpu_non_first_arg")
             for s, _ in calls]
-    e2e, tw, tc = [], [[] for _ in calls], [[] for _ in calls]
-    for r in range(rounds + 1):                   # round 0 warms up and is dropped
-        t = e2e_f(xt).mean * 1e3
-        w = [f(*args).mean * 1e3 for f, (_, args) in zip(warm, calls)]      # all warm, then all cold
-        c = [f(*args).mean * 1e3 for f, (_, args) in zip(cold, calls)]
-        for i in range(len(calls) if r else 0):
-            tw[i].append(w[i])
-            tc[i].append(c[i])
-        e2e += [t] if r else []
+    e2e, tw, tc = [], [], []
+    for _ in range(rounds + 1):                   # round 0 warms up and is dropped below
+        e2e.append(e2e_f(xt).mean * 1e3)
+        tw.append([f(*args).mean * 1e3 for f, (_, args) in zip(warm, calls)])      # all warm, then all cold
+        tc.append([f(*args).mean * 1e3 for f, (_, args) in zip(cold, calls)])
     out = []
     for i, (sym, args) in enumerate(calls):
         ts = [a for a in args if hasattr(a, "shape")]
         out.append({"index": i, "symbol": sym, "shapes": [[int(d) for d in a.shape] for a in ts],
                     "bytes": sum(int(prod(a.shape)) * np.dtype(str(a.dtype)).itemsize for a in ts),
-                    "samples_ms": tw[i], "cold_samples_ms": tc[i]})
-    return {"e2e_samples_ms": e2e, "calls": out, "other_calls": other,
+                    "samples_ms": [w[i] for w in tw[1:]], "cold_samples_ms": [c[i] for c in tc[1:]]})
+    return {"e2e_samples_ms": e2e[1:], "calls": out, "other_calls": other,
             "method": f"instrument hook + time_evaluator per call, warm (min_repeat_ms={min_repeat_ms}) and cold "
                       f"(arguments but the first flushed), {rounds} rounds interleaved with the whole model"}
 
@@ -93,15 +89,11 @@ def onnx_layers(path) -> list[dict]:
     return out
 
 
-def kernel_kind(symbol: str, kernels: list[dict]) -> str:
-    k = next((k["kind"] for k in kernels if symbol in (k.get("symbol"), k["name"])), "other")
-    return "dense" if k == "other" and ("matmul" in symbol or "dense" in symbol) else k
-
-
 def map_to_layers(calls: list[dict], kernels: list[dict], layers: list[dict]) -> tuple[list[dict], str | None]:
     """Give the compute calls (conv, depthwise, pointwise, dense), in program order, the ONNX graph's
     layers in graph order, kinds checked. Returns (rows, problem); problem says why they differ."""
-    rows = [{**c, "kind": kernel_kind(c["symbol"], kernels), "layer": None, "mult_adds": None} for c in calls]
+    kinds = {**{k["name"]: k["kind"] for k in kernels}, **{k.get("symbol"): k["kind"] for k in kernels}}
+    rows = [{**c, "kind": kinds.get(c["symbol"], "other"), "layer": None, "mult_adds": None} for c in calls]
     compute = [r for r in rows if r["kind"] in _ONNX_KIND.values()]
     if len(compute) != len(layers):
         return rows, f"{len(compute)} compute kernel calls for {len(layers)} ONNX layers"
@@ -114,11 +106,22 @@ def map_to_layers(calls: list[dict], kernels: list[dict], layers: list[dict]) ->
     return rows, None
 
 
-def consistency(warm_ms: float, cold_ms: float, e2e_ms: float, vm_calls: int,
-                tol: float = CONSISTENCY_TOLERANCE, per_call_us: float = VM_CALL_ALLOWANCE_US) -> dict:
-    """warm sum x (1 - tol) <= end to end <= (cold sum + per_call_us x VM instructions) x (1 + tol):
-    the VM's own instructions (allocations, shape checks, dispatch) cost 0.7-1 us each on x86."""
-    lower, upper = warm_ms * (1 - tol), (cold_ms + per_call_us * 1e-3 * vm_calls) * (1 + tol)
-    return {"kernel_sum_ms": warm_ms, "cold_kernel_sum_ms": cold_ms, "e2e_ms": e2e_ms, "tolerance": tol,
-            "vm_calls": vm_calls, "per_call_allowance_us": per_call_us, "lower_ms": lower, "upper_ms": upper,
-            "ok": bool(lower <= e2e_ms <= upper), "unattributed_ms": e2e_ms - warm_ms}
+def layer_entry(m: dict, kernels: list[dict], layers: list[dict]) -> dict:
+    """measure_layers' samples as results.json's per-layer entry: calls mapped to the ONNX layers,
+    medians, and the bracket check: warm sum x (1 - tol) <= end to end <= (cold sum + per-call
+    allowance x VM instructions) x (1 + tol); the VM's own instructions (allocations, shape checks,
+    dispatch) cost 0.7-1 us each on x86."""
+    rows, problem = map_to_layers(m["calls"], kernels, layers)
+    src = {k.get("symbol", k["name"]): k.get("source") for k in kernels}
+    for r in rows:
+        r.update(median_ms=float(np.median(r["samples_ms"])), cold_median_ms=float(np.median(r["cold_samples_ms"])),
+                 source=src.get(r["symbol"]))
+    warm, cold = sum(r["median_ms"] for r in rows), sum(r["cold_median_ms"] for r in rows)
+    e2e, tol = float(np.median(m["e2e_samples_ms"])), CONSISTENCY_TOLERANCE
+    vm_calls = len(rows) + sum(m["other_calls"].values())
+    lower, upper = warm * (1 - tol), (cold + VM_CALL_ALLOWANCE_US * 1e-3 * vm_calls) * (1 + tol)
+    cons = {"kernel_sum_ms": warm, "cold_kernel_sum_ms": cold, "e2e_ms": e2e, "tolerance": tol, "vm_calls": vm_calls,
+            "per_call_allowance_us": VM_CALL_ALLOWANCE_US, "lower_ms": lower, "upper_ms": upper,
+            "ok": bool(lower <= e2e <= upper), "unattributed_ms": e2e - warm}
+    return {"calls": rows, "e2e_samples_ms": m["e2e_samples_ms"], "other_calls": m["other_calls"],
+            "mapping_problem": problem, "consistency": cons, "method": m["method"]}

@@ -4,7 +4,7 @@ accumulators stay in vector registers (the compute peak "% of peak" divides by) 
 from __future__ import annotations
 
 import re
-import time
+import timeit
 
 ACCUMULATORS = 12      # independent chains >= FMA latency (4-5) x FMA units (2) on Zen 3 / Skylake
 
@@ -69,10 +69,9 @@ def measure_peak(spec, threads: int, quick: bool = False) -> dict:
     import numpy as np
 
     from .._tvm import tir_build, tvm
-
     from ..schedules import simd
 
-    lanes = simd(spec.tvm_target())[0]        # what our schedules vectorise with
+    lanes, runs = simd(spec.tvm_target())[0], 10 if quick else 40       # lanes: what our schedules vectorise with
     n_triad = (4 if quick else 16) * (1 << 20) // (threads * lanes) * threads * lanes
     fma, triad = _kernels(lanes, threads, n_triad)
     lib = tir_build(tvm.IRModule({"fma": fma, "triad": triad}), target=spec.tvm_target())
@@ -80,21 +79,15 @@ def measure_peak(spec, threads: int, quick: bool = False) -> dict:
     out = tvm.runtime.tensor(np.zeros((threads, ACCUMULATORS, lanes), "float32"))
     iters = 100_000_000 // lanes             # ~25 ms a run: many short runs find a slice nobody shares
     lib["fma"](out, iters // 10, 0.9999, 1e-4)
-    best = min(_timed(lambda: lib["fma"](out, iters, 0.9999, 1e-4)) for _ in range(10 if quick else 40))
+    best = min(timeit.repeat(lambda: lib["fma"](out, iters, 0.9999, 1e-4), number=1, repeat=runs))
     gflops = 2 * ACCUMULATORS * lanes * iters * threads / best / 1e9
     x, y, z = (tvm.runtime.tensor(np.full(n_triad, 1.0, "float32")) for _ in range(3))
     lib["triad"](x, y, z, 3.0)
-    best_t = min(_timed(lambda: lib["triad"](x, y, z, 3.0)) for _ in range(5 if quick else 10))
+    best_t = min(timeit.repeat(lambda: lib["triad"](x, y, z, 3.0), number=1, repeat=5 if quick else 10))
     gbs = 3 * 4 * n_triad / best_t / 1e9
     return {"threads": threads, "fma_gflops": gflops, "triad_gbs": gbs, "ridge_flop_per_byte": gflops / gbs,
             "lanes": lanes, "accumulators": ACCUMULATORS, "asm_check": check,
             "method": f"TVM-built FMA loop on {spec.name}: {ACCUMULATORS} accumulators x {lanes} fp32 lanes, "
-                      f"{iters} iterations per thread, {threads} thread(s), best of {10 if quick else 40} runs; "
-                      "triad x = y + s*z "
+                      f"{iters} iterations per thread, {threads} thread(s), best of {runs} runs; triad x = y + s*z "
                       f"on 3 x {4 * n_triad >> 20} MB, 12 bytes per element"}
 
-
-def _timed(f) -> float:
-    t0 = time.perf_counter()
-    f()
-    return time.perf_counter() - t0

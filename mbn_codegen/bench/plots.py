@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .report import gflops, peak  # noqa: E402
+
 KIND_COLORS = {"depthwise": "#d62728", "pointwise": "#1f77b4", "conv": "#2ca02c", "dense": "#7f7f7f"}
 MARKERS = "osD^vPX"
 
@@ -63,7 +65,7 @@ def layers_plot(doc: dict, t: int, path: Path) -> Path | None:
 
 
 def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
-    p = next((p for p in doc["peak"] if p["threads"] == t), None)
+    p = peak(doc, t)
     pts = [(e["variant"], c) for e in doc["layers"] if e["threads"] == t for c in e["calls"]
            if c["mult_adds"] and c["kind"] in KIND_COLORS and c["median_ms"] > 0]
     if not pts or not p:
@@ -77,7 +79,7 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     ax.axvline(ridge, color="0.5", ls=":", lw=1, label=f"ridge point {ridge:.1f} FLOP/byte")
     names = list(dict.fromkeys(n for n, _ in pts))
     for (name, c), x in zip(pts, ai):
-        ax.scatter(x, 2 * c["mult_adds"] / c["median_ms"] / 1e6, marker=MARKERS[names.index(name) % 7], s=36,
+        ax.scatter(x, gflops(c), marker=MARKERS[names.index(name) % 7], s=36,
                    color=KIND_COLORS[c["kind"]], edgecolors="black", linewidths=0.4)
     for k in sorted({c["kind"] for _, c in pts}):
         ax.scatter([], [], color=KIND_COLORS[k], label=k)

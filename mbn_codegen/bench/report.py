@@ -1,5 +1,5 @@
-"""results.json -> report.html (self-contained: plots embedded as base64 PNG) and a short report.md
-with the headline table. `mbn-codegen bench --report-only DIR` regenerates both."""
+"""results.json -> report.html, self-contained (plots embedded as base64 PNG); `mbn-codegen bench
+--report-only DIR` regenerates it. Also `--compare`: two reports side by side, as compare.md."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +10,9 @@ from .board import BOARD_METHOD, EMULATED_NOTE
 
 
 def fmt_ms(x: float | None) -> str:
-    return "–" if x is None else next((f.format(x) for lim, f in ((100, "{:.0f}"), (10, "{:.1f}"), (1, "{:.2f}")) if x >= lim), f"{x:.3f}")
+    if x is None:
+        return "–"
+    return f"{x:.{0 if x >= 100 else 1 if x >= 10 else 2 if x >= 1 else 3}f}"
 
 
 def fmt_x(r: float | None) -> str:
@@ -19,6 +21,10 @@ def fmt_x(r: float | None) -> str:
 
 def peak(doc: dict, t: int) -> dict | None:
     return next((p for p in doc["peak"] if p["threads"] == t), None)
+
+
+def gflops(call: dict) -> float:
+    return 2 * call["mult_adds"] / call["median_ms"] / 1e6
 
 
 def pct_of_peak(gflops: float, p: dict | None) -> str:
@@ -31,24 +37,29 @@ def emulated(doc: dict) -> bool:
     return bool((doc["provenance"].get("board") or {}).get("emulated"))
 
 
+def e2e_medians(doc: dict, t: int) -> dict[str, float]:
+    return {e["variant"]: e["stats"]["median"] for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
+
+
 def summarize(doc: dict) -> dict:
-    rows, compare = [], not emulated(doc)        # an emulator's timings support no comparison
+    """The headline rows (also read by benchmarks/performance_targets.py); an emulator's timings
+    support no comparison."""
+    rows, compare = [], not emulated(doc)
+    kind = {v["name"]: v["kind"] for v in doc["variants"]}
     for t in doc["config"]["threads"]:
-        e2e = {e["variant"]: e for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
+        e2e, med = {e["variant"]: e for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}, e2e_medians(doc, t)
         chk = {v["name"]: next((c for c in v["checks"] if c["threads"] == t), {}) for v in doc["variants"]}
-        kind = {v["name"]: v["kind"] for v in doc["variants"]}
-        stock = e2e["stock"]["stats"]["median"] if "stock" in e2e else None
-        peers = {n: e["stats"]["median"] for n, e in e2e.items() if kind[n] == "peer" and chk[n].get("ok")}
+        peers = {n: m for n, m in med.items() if kind[n] == "peer" and chk[n].get("ok")}
         fp = min(peers, key=peers.get) if peers else None
         for v in doc["variants"]:
             row = {"threads": t, "variant": v["name"], "label": v["label"], "kind": v["kind"], "note": v["note"],
                    "status": v["status"] if v["status"] != "ok" or v["name"] in e2e else "not measured"}
             if v["name"] in e2e:
-                s = e2e[v["name"]]["stats"]
-                row.update(median_ms=s["median"], p10_ms=s["p10"], p90_ms=s["p90"], ci95_ms=s["ci95"], n=s["n"],
+                s, m = e2e[v["name"]]["stats"], med[v["name"]]
+                row.update(median_ms=m, p10_ms=s["p10"], p90_ms=s["p90"], ci95_ms=s["ci95"], n=s["n"],
                            noise=e2e[v["name"]]["noise"], check_ok=chk[v["name"]].get("ok"),
-                           vs_stock=stock / s["median"] if stock and compare else None, fastest_peer=fp,
-                           vs_fastest_peer=peers[fp] / s["median"] if fp and compare else None)
+                           vs_stock=med["stock"] / m if "stock" in med and compare else None, fastest_peer=fp,
+                           vs_fastest_peer=peers[fp] / m if fp and compare else None)
             rows.append(row)
     return {"headline": rows}
 
@@ -60,7 +71,9 @@ def closing_line(doc: dict) -> str:
 
 
 def _table(head: list[str], rows: list[list]) -> str:
-    cell = lambda tag, c: f"<{tag}>{c if str(c).startswith('<') else html.escape(str(c))}</{tag}>"  # noqa: E731
+    """Cells that start with '<' are HTML already."""
+    def cell(tag, c):
+        return f"<{tag}>{c if str(c).startswith('<') else html.escape(str(c))}</{tag}>"
     return ("<table><tr>" + "".join(cell("th", h) for h in head) + "</tr>"
             + "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in rows) + "</table>")
 
@@ -73,7 +86,7 @@ def _img(out: Path, name: str | None, caption: str) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _headline(doc: dict, t: int) -> tuple[list[str], list[list]]:
+def _headline(doc: dict, t: int) -> str:
     rows = [r for r in doc["summary"]["headline"] if r["threads"] == t]
     fp = next((r["fastest_peer"] for r in rows if r.get("fastest_peer")), None)
     body = [[r["label"], fmt_ms(r["median_ms"]), f"{fmt_ms(r['p10_ms'])} – {fmt_ms(r['p90_ms'])}",
@@ -83,8 +96,11 @@ def _headline(doc: dict, t: int) -> tuple[list[str], list[list]]:
             for r in sorted((r for r in rows if "median_ms" in r), key=lambda r: 0 if emulated(doc) else r["median_ms"])]
     body += [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"]
              for r in rows if "median_ms" not in r]
-    return (["variant", "median ms", "p10 – p90", "95% CI of median", "noise", "vs stock",
-             f"vs fastest peer ({fp or '–'})", "samples", "output check"], body)
+    noise = [r["noise"] for r in rows if r.get("noise") is not None]
+    return (f"<h3>{t} thread(s)</h3>" + _table(["variant", "median ms", "p10 – p90", "95% CI of median", "noise",
+                                                 "vs stock", f"vs fastest peer ({fp or '–'})", "samples",
+                                                 "output check"], body)
+            + (f"<p>Noise of this run at {t} thread(s): up to {100 * max(noise):.1f}%.</p>" if noise else ""))
 
 
 def _layers(doc: dict, t: int) -> str:
@@ -96,17 +112,16 @@ def _layers(doc: dict, t: int) -> str:
         body = []
         for L in doc["model"]["layers"]:
             rc = by[ref["variant"]][L["name"]]
-            g = 2 * L["mult_adds"] / rc["median_ms"] / 1e6
             body.append([L["name"], L["kind"], L["shape"], f"{L['mult_adds'] / 1e6:.3g}",
                          *[fmt_ms(by[n][L["name"]]["median_ms"]) for n in by],
-                         f"{g:.1f}", pct_of_peak(g, peak(doc, t)), rc.get("source") or "–"])
-        e2e = {e["variant"]: e["stats"]["median"] for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
+                         f"{gflops(rc):.1f}", pct_of_peak(gflops(rc), peak(doc, t)), rc.get("source") or "–"])
+        med = e2e_medians(doc, t)
         for label, f in (("other kernels (reshape, pool, layout)",
                           lambda e: sum(c["median_ms"] for c in e["calls"] if not c["layer"])),
                          ("sum of kernels", lambda e: e["consistency"]["kernel_sum_ms"]),
                          ("end to end, same process", lambda e: e["consistency"]["e2e_ms"]),
                          ("overhead: end to end − sum of kernels", lambda e: e["consistency"]["unattributed_ms"]),
-                         ("end to end, interleaved run", lambda e: e2e.get(e["variant"]))):
+                         ("end to end, interleaved run", lambda e: med.get(e["variant"]))):
             body.append([f"<b>{label}</b>", "", "", "", *[fmt_ms(f(e)) for e in mapped], "", "", ""])
         out += _table(["layer", "type", "shape", "MMACs", *[f"{n} ms" for n in by],
                        f"{ref['variant']} GFLOP/s", "% of FMA peak", "schedule"], body)
@@ -129,8 +144,8 @@ def _layers(doc: dict, t: int) -> str:
 def _warnings(doc: dict) -> list[str]:
     out = [f"<p>⚠ {x['variant']} {c['layer']} at {x['threads']} thread(s) runs above the measured FMA peak: the "
            "peak measurement is wrong, no % of peak is printed for it.</p>"
-           for x in doc["layers"] for c in x["calls"] if c["mult_adds"]
-           and pct_of_peak(2 * c["mult_adds"] / c["median_ms"] / 1e6, peak(doc, x["threads"])).startswith("above")]
+           for x in doc["layers"] for c in x["calls"]
+           if c["mult_adds"] and pct_of_peak(gflops(c), peak(doc, x["threads"])).startswith("above")]
     return out + [f"<p>⚠ The FMA loop at {q['threads']} thread(s) is not register-resident "
                   f"({html.escape(str(q['asm_check']))}): its peak is too low.</p>"
                   for q in doc["peak"] if not q["asm_check"]["ok"]]
@@ -181,13 +196,8 @@ def render(doc: dict, out: Path, plots: dict[str, str]) -> str:
          *([f"<p class='emulated'><b>⚠ {EMULATED_NOTE}</b></p>"] if emulated(doc) else []),
          "<h2>End to end</h2><p>Only ratios within one interleaved run count: absolute times on a shared machine "
          "drift by more than the differences between variants. Noise = (p90 − p10) / median of the variant's "
-         "per-block medians.</p>"]
-    for t in doc["config"]["threads"]:
-        head, body = _headline(doc, t)
-        noise = [r["noise"] for r in doc["summary"]["headline"] if r["threads"] == t and r.get("noise") is not None]
-        h.append(f"<h3>{t} thread(s)</h3>" + _table(head, body)
-                 + (f"<p>Noise of this run at {t} thread(s): up to {100 * max(noise):.1f}%.</p>" if noise else ""))
-    h.append(_img(out, plots.get("e2e"), "End-to-end latency per variant"))
+         "per-block medians.</p>", *[_headline(doc, t) for t in doc["config"]["threads"]],
+         _img(out, plots.get("e2e"), "End-to-end latency per variant")]
     for i, t in enumerate(sorted({e["threads"] for e in doc["layers"]})):
         h += ["<h2>Per layer</h2>"] * (i == 0) + [f"<h3>{t} thread(s)</h3>", _layers(doc, t),
                                                  _img(out, plots.get(f"layers-{t}"), f"Per-layer time, {t} thread(s)"),
@@ -217,11 +227,32 @@ def write_report(out: str | Path, doc: dict) -> Path:
         except Exception as e:          # a broken plot must not lose the report
             doc.setdefault("plot_errors", []).append(f"{key}.png: {type(e).__name__}: {e}")
     (out / "report.html").write_text(render(doc, out, made))
-    md = [f"# {doc['model']['name']} on {doc['provenance']['machine']['cpu_model']} ({doc['status']})", "",
-          *([f"**⚠ {EMULATED_NOTE}**", ""] if emulated(doc) else [])]
-    for t in doc["config"]["threads"]:
-        head, body = _headline(doc, t)
-        md += [f"## {t} thread(s)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(str(c) for c in r) + " |" for r in body] + [""]
-    (out / "report.md").write_text("\n".join(md + [closing_line(doc), "", "Details, plots: report.html", ""]))
     return out / "report.html"
+
+
+def compare(a: str | Path, b: str | Path, out: str | Path | None = None, variants: list[str] | None = None) -> dict:
+    """End to end and per layer, for every (variant, threads) both measured; speedup = time A / time B."""
+    from .results import load
+
+    A, B = load(a), load(b)
+
+    def medians(doc):                     # (variant, threads, layer or None: end to end) -> median ms
+        out = {(e["variant"], e["threads"], None): e["stats"]["median"] for e in doc["e2e"] if e["stats"]["n"]}
+        return out | {(e["variant"], e["threads"], c["layer"]): c["median_ms"] for e in doc["layers"]
+                      for c in e["calls"] if c["layer"]}
+    ma, mb = medians(A), medians(B)
+    rows = [{"variant": k[0], "threads": k[1], "name": k[2], "a_ms": ma[k], "b_ms": ms, "speedup": ma[k] / ms}
+            for k, ms in mb.items() if k in ma and (not variants or k[0] in variants)]
+    cpu = A["provenance"]["machine"]["cpu_model"], B["provenance"]["machine"]["cpu_model"]
+    lines = [f"# Compare: A = {Path(a).resolve().name}, B = {Path(b).resolve().name}", "",
+             f"A on {cpu[0]}, B on {cpu[1]}" + (" (different CPUs!)" if cpu[0] != cpu[1] else "")
+             + ". Speedup = time A / time B (> 1: B is faster)."]
+    parts = {"e2e": [r for r in rows if not r["name"]], "layers": [r for r in rows if r["name"]]}
+    for title, part in zip(("End to end", "Per layer"), parts.values()):
+        lines += ["", f"## {title}", "", "| variant | threads | layer | A ms | B ms | speedup |", "|" + "---|" * 6]
+        lines += [f"| {r['variant']} | {r['threads']} | {r['name'] or '–'} | {fmt_ms(r['a_ms'])} | "
+                  f"{fmt_ms(r['b_ms'])} | {fmt_x(r['speedup'])} |" for r in part]
+    out = Path(out) if out else Path(b) / f"compare-vs-{Path(a).resolve().name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    return {**parts, "md": out / "compare.md", "text": "\n".join(lines) + "\n"}

@@ -30,6 +30,18 @@ def stats(samples: list[float], seed: int = 0, boot: int = 1000) -> dict:
             "ci95": [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))]}
 
 
+def noise(block_medians: list[float]) -> float | None:
+    """(p90 - p10) / median of one variant's per-block medians: how far two runs of it drift."""
+    a = np.asarray(block_medians)
+    return float((np.percentile(a, 90) - np.percentile(a, 10)) / np.median(a)) if a.size >= 3 else None
+
+
+def check_output(out, ref: np.ndarray, oracle: str = "onnxruntime") -> dict:
+    out = np.asarray(out, dtype=np.float64)
+    ok = bool(np.allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())) and out.argmax() == ref.argmax()
+    return {"ok": bool(ok), "max_abs_err": float(np.abs(out - ref).max()), "oracle": oracle}
+
+
 def save(path: Path, doc: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
@@ -82,8 +94,6 @@ def new_series(variant: str, threads: int) -> dict:
 
 
 def add_block(e: dict, r: int, samples: list[float]) -> None:
-    from .measure import noise
-
     e["samples_ms"] += samples
     e["rounds"].append(r)
     e["block_medians_ms"].append(float(np.median(samples)))

@@ -23,6 +23,7 @@ BUILD = {"stock": {"schedules": "stock"}, "ours": {"schedules": "ours", "use_shi
 
 @dataclass
 class Variant:
+    """Also its record in results.json (asdict), with the output checks and build facts."""
     name: str
     kind: str                      # "tvm" | "peer"
     label: str
@@ -32,6 +33,8 @@ class Variant:
     database: str | None = None
     artifact: str | None = None
     runtime: str = "tvm"
+    checks: list = field(default_factory=list)
+    build_facts: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -43,28 +46,24 @@ def database_records(path: str) -> int:
     return sum(sum(1 for line in open(f, "rb") if line.strip()) for f in Path(path).rglob("*tuning_record*.json"))
 
 
-def resolve(names: list[str], base: dict, target: str, database: str | None = None,
-            ms_database: str | None = None, onnx_only: bool = False,
-            artifacts: dict[str, str] | None = None) -> list[Variant]:
+def resolve(cfg, names: list[str], base: dict, artifacts: dict[str, str] | None = None) -> list[Variant]:
     from ..tuning import database_dir
 
-    dbs = {"ours-tuned": database or str(database_dir(target, "ours")),
-           "metaschedule": ms_database or str(database_dir(target, "generic"))}
-    out: list[Variant] = []
+    dbs = {"ours-tuned": cfg.database or str(database_dir(cfg.target, "ours")),
+           "metaschedule": cfg.ms_database or str(database_dir(cfg.target, "generic"))}
+    out = []
     for name in names:
         if name not in ALL_VARIANTS:
             raise ValueError(f"unknown variant {name!r}: choose from {', '.join(ALL_VARIANTS)}")
         if name in TVM_VARIANTS:
             v = Variant(name, "tvm", LABELS[name], build_kwargs={**base, **BUILD[name]}, database=dbs.get(name))
-            if v.database:
-                v.build_kwargs["database"] = v.database
-                if not Path(v.database).is_dir():
-                    v.status, v.note = "unavailable", f"no database at {v.database}"
+            if v.database and not Path(v.database).is_dir():
+                v.status, v.note = "unavailable", f"no database at {v.database}"
         else:
             v = Variant(name, "peer", LABELS[name], runtime=RUNTIME[name])
             if importlib.util.find_spec(v.runtime) is None:
                 v.status, v.note = "unavailable", f"not installed: Python package {v.runtime!r}"
-            elif name == "pytorch" and onnx_only:
+            elif name == "pytorch" and cfg.model.onnx:
                 v.status, v.note = "unavailable", "an --onnx model has no PyTorch definition"
         out.append(v)
     for label, path in (artifacts or {}).items():

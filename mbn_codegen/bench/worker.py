@@ -1,17 +1,124 @@
-"""One benchmark subprocess per (variant, threads): pools read their thread count at start, and
-its CPU time tells the coordinator its pools are idle. JSON lines: spec -> {"ok", "check", "load_s"},
-then {"cmd": "time"|"layers"|"peak", ...} until the input ends; runtime prints go to stderr (a log)."""
+"""One benchmark subprocess per (variant, threads): pools read their thread count at start, and its
+CPU time tells the coordinator its pools are idle. Both sides of the JSON-lines protocol: the spec ->
+{"ok", "check", "load_s"} or {"error"}, then {"cmd": "time"|"layers"|"peak", ...} until the input
+ends; the child's prints go to its log."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
+import psutil
 
+THREAD_ENV = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# With spin=False (--no-spin) pools block as soon as they are idle: OpenMP (torch), TVM's pool
+# (libtvm_runtime reads this variable), ONNX Runtime (a session entry, below). OpenVINO's TBB
+# has no such switch. It costs TVM 1.5-2x at 2 threads on small models (a futex wake per kernel),
+# so by default runtimes spin inside their own block and the fence keeps that out of the next one.
+NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0", "KMP_BLOCKTIME": "0"}
+FENCE_WINDOW_S, FENCE_IDLE_CPU_S, FENCE_TIMEOUT_S = 0.02, 0.002, 2.0
+
+
+def spin_settings(spin: bool) -> dict:
+    if spin:
+        return {"all runtimes": "their default spin-wait inside their own block; the fence waits it out"}
+    return {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"}
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """The child runs in its own session (a terminal's Ctrl-C reaches only the coordinator) and exits
+    when its stdin closes."""
+
+    def __init__(self, spec: dict, log_dir: Path):
+        env = {**os.environ, **({} if spec.get("spin", True) else NO_SPIN_ENV),
+               **{k: str(spec["threads"]) for k in THREAD_ENV}}
+        env.setdefault("TVM_BIND_THREADS", "1")
+        self.name = f"{spec['variant']}@{spec['threads']}t"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_dir / f"{spec['variant']}-{spec['threads']}t.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, env=env, text=True, start_new_session=True, bufsize=1)
+        self.ps = psutil.Process(self.proc.pid)
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+
+    def request(self, obj: dict | None) -> dict:
+        """Send obj (None: nothing), then read the reply; WorkerError if the worker failed or is gone."""
+        try:
+            if obj is not None:
+                self.proc.stdin.write(json.dumps(obj) + "\n")
+                self.proc.stdin.flush()
+            r = json.loads(self.proc.stdout.readline() or "null")
+        except OSError:
+            r = None
+        if r is None:
+            raise WorkerError(f"{self.name}: worker exited (code {self.proc.poll()}); see {self.log.name}")
+        if "error" in r:
+            raise WorkerError(f"{self.name}: {r['error']}")
+        return r
+
+    def cpu_s(self) -> float:
+        try:
+            return sum(self.ps.cpu_times()[:2])
+        except psutil.Error:
+            return 0.0
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()           # the worker exits at the end of its input
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()                  # our own child, by its handle
+            self.proc.wait()
+        self.log.close()
+
+
+def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker | None, dict]]:
+    """Start all at once (loading is the slow part), then collect their ready replies."""
+    out = []
+    for s, w in [(s, Worker(s, log_dir)) for s in specs]:
+        try:
+            out.append((s, w, w.request(None)))
+        except WorkerError as e:
+            w.close()
+            out.append((s, None, {"ok": False, "error": str(e)}))
+    return out
+
+
+def ask(spec: dict, cmd: dict, log_dir: Path) -> dict:
+    (_, w, r), = start_workers([spec], log_dir)
+    if not w:
+        raise WorkerError(r["error"])
+    try:
+        return w.request(cmd)
+    finally:
+        w.close()
+
+
+def fence(workers) -> tuple[float, bool]:
+    """Wait until the workers together use less than FENCE_IDLE_CPU_S CPU seconds per window.
+    Returns (seconds waited, whether it timed out). Our workers' own CPU time, not the machine's:
+    other users of a shared machine never let it go idle."""
+    t0, before = time.perf_counter(), sum(w.cpu_s() for w in workers)
+    while True:
+        time.sleep(FENCE_WINDOW_S)
+        now, waited = sum(w.cpu_s() for w in workers), time.perf_counter() - t0
+        if now - before < FENCE_IDLE_CPU_S or waited > FENCE_TIMEOUT_S:
+            return waited, waited > FENCE_TIMEOUT_S
+        before = now
+
+
+# --- the child -------------------------------------------------------------------------------------
 
 def _tvm(spec):
     from ..runtime import load
@@ -25,8 +132,8 @@ def _torch(spec):
     from ..models.calibrate import make_live
 
     torch.set_num_threads(spec["threads"])
-    m = create(spec["model"], spec["alpha"], spec["resolution"], spec["num_classes"], spec.get("weights"))
-    if spec.get("weights") is None:
+    m = create(spec["model"], spec["alpha"], spec["resolution"], spec["num_classes"], spec["weights"])
+    if spec["weights"] is None:
         make_live(m, seed=spec["seed"])
     m.eval()
 
@@ -50,33 +157,27 @@ def _openvino(spec):
     import openvino as ov
 
     cfg = {"INFERENCE_NUM_THREADS": spec["threads"], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    if spec.get("precision", "f32") == "f32":
+    if spec["precision"] == "f32":
         cfg["INFERENCE_PRECISION_HINT"] = "f32"
     req = ov.Core().compile_model(spec["onnx"], "CPU", cfg).create_infer_request()
     return lambda x: req.infer({0: x})[0]
 
 
-RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino}
-
-
-def _check(out: np.ndarray, ref: np.ndarray) -> dict:
-    scale = max(1e-12, float(np.abs(ref).max()))
-    ok = bool(np.allclose(out, ref, rtol=1e-3, atol=1e-3 * scale)) and int(out.argmax()) == int(ref.argmax())
-    return {"max_abs_err": float(np.abs(out.astype(np.float64) - ref).max()), "ok": ok, "oracle": "onnxruntime"}
-
-
 def _time(run, x, n: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         run(x)
-    out, clock = [], time.perf_counter_ns
+    out = []
     for _ in range(n):
-        t0 = clock()
+        t0 = time.perf_counter_ns()
         run(x)
-        out.append((clock() - t0) / 1e6)
+        out.append((time.perf_counter_ns() - t0) / 1e6)
     return out
 
 
-def _do(spec: dict, cmd: dict, run, x):
+RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino}
+
+
+def _do(spec: dict, cmd: dict, run=None, x=None):
     if cmd["cmd"] == "time":
         return {"samples_ms": _time(run, x, int(cmd["n"]), int(cmd["warmup"]))}
     if cmd["cmd"] == "layers":
@@ -87,28 +188,33 @@ def _do(spec: dict, cmd: dict, run, x):
     return measure_peak(targets.load(spec["target"]), spec["threads"], bool(cmd["quick"]))
 
 
+def _reply(proto, f) -> bool:
+    try:
+        r = f()
+    except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
+        traceback.print_exc()
+        r = {"error": f"{type(e).__name__}: {str(e).strip()[:500]}"}
+    proto.write(json.dumps(r) + "\n")
+    return "error" not in r
+
+
 def main() -> None:
+    from .results import check_output
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the coordinator decides when we stop
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                                     # stray prints (TVM's "Scope Loaded") -> log
-    spec, run, x, reply = json.loads(sys.stdin.readline()), None, None, lambda o: proto.write(json.dumps(o) + "\n")
-    try:
+    spec, state = json.loads(sys.stdin.readline()), {}
+
+    def load():
         t0, check = time.perf_counter(), None
         if spec["runtime"] != "peak":
-            x = np.load(spec["input"])
-        if spec["runtime"] != "peak" and spec.get("mode") != "layers":
-            run = RUNTIMES[spec["runtime"]](spec)
-            check = _check(np.asarray(run(x)), np.load(spec["reference"]))
-        reply({"ok": True, "load_s": time.perf_counter() - t0, "check": check})
-    except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
-        traceback.print_exc()
-        return reply({"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
-    for line in sys.stdin:
-        try:
-            reply(_do(spec, json.loads(line), run, x))
-        except Exception as e:
-            traceback.print_exc()
-            reply({"error": f"{type(e).__name__}: {str(e).strip()[:500]}"})
+            state.update(x=np.load(spec["input"]), run=RUNTIMES[spec["runtime"]](spec))
+            check = check_output(state["run"](state["x"]), np.load(spec["reference"]))
+        return {"ok": True, "load_s": time.perf_counter() - t0, "check": check}
+    if _reply(proto, load):
+        for line in sys.stdin:
+            _reply(proto, lambda: _do(spec, json.loads(line), **state))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _artifact(s: str) -> tuple[str, str]:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark report: tuned vs stock TVM vs PyTorch / ONNX Runtime / OpenVINO, "
                        "end to end and per layer, with plots", description="Writes a report folder (report.html, "
-                       "report.md, PNG plots, results.json). Progress goes to stdout; Ctrl-C keeps what was measured.")
+                       "PNG plots, results.json). Progress goes to stdout; Ctrl-C keeps what was measured.")
     add_model_args(p, resolution_default=None,
                    resolution_help="input size (default: the model's, 224; with --onnx, the file's own)")
     a = p.add_argument
@@ -74,7 +74,7 @@ def add_parser(sub) -> None:
 
 def main(args) -> int:
     if args.compare:
-        from ..bench.compare import compare
+        from ..bench.report import compare
         r = compare(*args.compare, out=args.out,
                     variants=None if args.variants == list(DEFAULT_VARIANTS) else args.variants)
         print(r["text"] + f"wrote {r['md']}")
