@@ -107,9 +107,37 @@ def _fold_bn_into_conv(mod: IRModule, _ctx: LowerContext) -> IRModule:
 
 
 def _decompose(mod: IRModule, _ctx: LowerContext) -> IRModule:
-    """BatchNorm not after a conv (and any other training-style op) becomes plain arithmetic."""
+    """BatchNorm not after a conv (and any other training-style op) becomes plain arithmetic, and
+    R.clip with constant bounds (the frontend's HardSwish and HardSigmoid) becomes min/max."""
     mod = relax.transform.DecomposeOpsForInference()(mod)
-    return relax.transform.FoldConstant()(mod)
+    return relax.transform.FoldConstant()(_clip_to_min_max(mod))
+
+
+def _clip_to_min_max(mod: IRModule) -> IRModule:
+    """ConvertLayout has no rule for R.clip and would wrap every HardSwish/HardSigmoid in
+    NHWC->NCHW->NHWC transposes; minimum/maximum are elementwise ops it converts in place."""
+    from ._tvm import dpl
+
+    x, lo, hi = dpl.wildcard(), dpl.wildcard(), dpl.wildcard()
+    clip = dpl.is_op("relax.clip")(x, lo, hi)
+
+    def _bound(e):           # an IntImm/FloatImm, or one wrapped in a PrimValue
+        while e is not None and not isinstance(e, (int, float)):
+            e = getattr(e, "value", None)
+        return None if e is None else float(e)
+
+    def _rewrite(expr, m):
+        v, a, b = m[x], _bound(m[lo]), _bound(m[hi])
+        dtype = str(getattr(v.ty, "dtype", ""))
+        if a is None or b is None or not dtype.startswith("float"):
+            return expr
+        return relax.op.minimum(relax.op.maximum(v, relax.const(a, dtype)), relax.const(b, dtype))
+
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = dpl.rewrite_call(clip, _rewrite, func)
+    return out
 
 
 def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
@@ -134,7 +162,7 @@ def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:
         mod = _guard_nan(mod)
     with ctx.target:
         mod = tvm.transform.Sequential(passes)(mod)
-    return _merge_nan_guards(mod) if ctx.propagate_nan else mod
+    return _merge_branching_epilogues(mod)
 
 
 def _guard_nan(mod: IRModule) -> IRModule:
@@ -165,21 +193,37 @@ def _guard_nan(mod: IRModule) -> IRModule:
     return out
 
 
-def _merge_nan_guards(mod: IRModule) -> IRModule:
-    """where(isnan(t), t, relu(t)) reads the conv output t three times, so the fused kernel has
-    a branching epilogue that our schedules (which follow one chain of consumers) cannot fold into
-    the conv's loop nest. Inlining every elementwise block into the output block leaves
-    conv -> one epilogue block."""
+def _merge_branching_epilogues(mod: IRModule) -> IRModule:
+    """A fused kernel whose elementwise epilogue reads an intermediate twice (HardSwish:
+    t * min(max(t + 3, 0), 6) / 6; the NaN guard where(isnan(t), t, relu(t))) branches, and our
+    schedules follow one chain of consumers from the conv, so they would leave it as naive loops
+    after the conv's nest. Inlining every elementwise block into the output block leaves
+    conv -> one epilogue block. Kernels with a linear epilogue are left as they are (the tuning
+    databases hold them by their structure)."""
+    from .schedules import analyze
+
     out = IRModule(mod.functions, attrs=mod.attrs)
     for gv, f in mod.functions.items():
-        if not isinstance(f, tirx.PrimFunc) or "isnan" not in gv.name_hint:
+        info = analyze(f) if isinstance(f, tirx.PrimFunc) else None
+        if info is None or "block" not in info:
             continue
         sch = Schedule(f)
-        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
-        for b in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(b).name_hint
-            if name.startswith("T_") and name not in outputs:
-                sch.compute_inline(b)
+        root = sch.get_sblock("root")
+        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+        anchor = sch.get_sblock(info["block"])
+        epilogue, frontier = [], [anchor]
+        while frontier:
+            b = frontier.pop()
+            for c in sch.get_consumers(b):
+                name = sch.get(c).name_hint
+                if name not in outputs and name not in {sch.get(e).name_hint for e in epilogue}:
+                    epilogue.append(c)
+                    frontier.append(c)
+        branching = any(len(sch.get_consumers(b)) > 1 for b in epilogue) or len(sch.get_consumers(anchor)) > 1
+        if not branching:
+            continue
+        for b in epilogue:
+            sch.compute_inline(b)
         out[gv] = sch.mod["main"]
     return out
 

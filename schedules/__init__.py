@@ -13,9 +13,10 @@ from .analysis import analyze
 from .common import Rule, conv_info, simd
 from .dense import Dense
 from .depthwise import Depthwise
+from .global_pool import GlobalPool
 from .pointwise import Pointwise
 
-RULES: list[Rule] = [Depthwise(), Pointwise(), Dense()]
+RULES: list[Rule] = [Depthwise(), Pointwise(), Dense(), GlobalPool()]
 
 __all__ = ["RULES", "Rule", "analyze", "conv_info", "simd", "match", "default_schedule",
            "space_fn"]

@@ -38,6 +38,8 @@ REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
     ModelEntry("mobilenet_v1", builder="mobilenet_v1:MobileNetV1", validator="mobilenet_v1:validate"),
     ModelEntry("mobilenet_v2", builder="mobilenet_v2:MobileNetV2", validator="mobilenet_v1:validate",
                pretrained="mobilenet_v2-b0353104.pth"),
+    ModelEntry("mobilenet_v3_small", builder="mobilenet_v3:MobileNetV3Small", validator="mobilenet_v1:validate"),
+    ModelEntry("mobilenet_v3_large", builder="mobilenet_v3:MobileNetV3Large", validator="mobilenet_v1:validate"),
 )}
 
 
