@@ -27,21 +27,20 @@ class BoardBenchError(MbnError):
     """A board bench that cannot run as asked; the message says what to change."""
 
 
-def connect(tracker: str, key: str):
+def connect(cfg, spec) -> tuple:
+    """(RPC session, provenance machine, board facts) of the board cfg names, options checked first."""
     from .. import rpc
 
-    host, port = rpc.parse_address(tracker)
-    rpc.check_tracker(host, port, key)
-    return rpc.request_session(host, port, key)
-
-
-def _cpuinfo(text: str) -> dict:
-    out = {}
-    for line in (text or "").splitlines():
-        k, sep, v = line.partition(":")
-        if sep and k.strip() not in out:
-            out[k.strip()] = v.strip()
-    return out
+    if spec.device != "cpu":
+        raise BoardBenchError(f"target {spec.name!r} is a {spec.device} target: a board bench times CPU libraries")
+    if not cfg.rpc_key:
+        raise BoardBenchError("--rpc-tracker needs --rpc-key (the key the board's rpc_server registered with)")
+    if cfg.grid or cfg.artifacts:
+        raise BoardBenchError("--grid and --artifact are host-only; run the board bench without them")
+    host, port = rpc.parse_address(cfg.rpc_tracker)
+    rpc.check_tracker(host, port, cfg.rpc_key)
+    remote = rpc.request_session(host, port, cfg.rpc_key)
+    return (remote, *identity(remote))
 
 
 def identity(remote) -> tuple[dict, dict]:
@@ -66,7 +65,9 @@ def identity(remote) -> tuple[dict, dict]:
                 "governor": dl(f"{cpu}/cpu0/cpufreq/scaling_governor"), "max_khz": dl(f"{cpu}/cpu0/cpufreq/cpuinfo_max_freq"),
                 "model": dl("/proc/device-tree/model"), "midr": dl(f"{cpu}/cpu0/regs/identification/midr_el1"),
                 "machine": None, "emulated": None, "source": "remote.download of sysfs (stock rpc_server)"}
-    c = _cpuinfo(info.get("cpuinfo"))
+    c = {}
+    for k, _, v in (line.partition(":") for line in (info.get("cpuinfo") or "").splitlines() if ":" in line):
+        c.setdefault(k.strip(), v.strip())
     x86_host = "vendor_id" in c and info.get("machine") == "aarch64"          # qemu-user shows the host's
     emulated = info.get("emulated") or ("qemu-user (host /proc/cpuinfo)" if x86_host else None)
     model = (info.get("model") or c.get("model name") or c.get("Hardware")
@@ -116,6 +117,8 @@ def measure(run) -> None:
     from .results import add_block, check_output, new_series
 
     cfg, remote, say = run.cfg, run.remote, run.say
+    run.doc["isolation"]["spin_settings"] = {"board": "one RPC server process; TVM's pool set per thread count by "
+                                                      "runtime.config_threadpool"}
     say(f"on the board ({run.doc['provenance']['machine']['cpu_model']}): {', '.join(v.name for v in run.ok('tvm'))}")
     dev, ref = remote.cpu(), np.load(run.model["reference"])
     xt, vms = tvm.runtime.tensor(np.load(run.model["input"]), dev), {}
@@ -151,13 +154,3 @@ def measure(run) -> None:
             v.checks.append({"threads": s["threads"], **(s["check"] or {"ok": True})})
         v.note = "measured by board_peers on the board, not interleaved with TVM's variants"
     say("per layer and machine peak: not measured on boards (end to end only)")
-
-
-def check_config(cfg, spec) -> None:
-    if spec.device != "cpu":
-        raise BoardBenchError(f"target {spec.name!r} is a {spec.device} target: a board bench times CPU libraries")
-    if not cfg.rpc_key:
-        raise BoardBenchError("--rpc-tracker needs --rpc-key (the key the board's rpc_server registered with)")
-    if cfg.grid or cfg.artifacts:
-        raise BoardBenchError("--grid and --artifact are host-only; run the board bench without them")
-

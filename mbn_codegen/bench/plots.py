@@ -1,28 +1,24 @@
-"""The report's plots (matplotlib, Agg backend). Each writes one PNG and returns its path, or None
-when the results hold nothing to plot."""
+"""The report's plots (matplotlib figures without pyplot: no backend, no global state). Each writes
+one PNG and returns its path, or None when the results hold nothing to plot."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .report import gflops, peak  # noqa: E402
+from .report import gflops, peak
 
 KIND_COLORS = {"depthwise": "#d62728", "pointwise": "#1f77b4", "conv": "#2ca02c", "dense": "#7f7f7f"}
 MARKERS = "osD^vPX"
 
 
-def _save(fig, ax, path: Path, title: str, log: str = "") -> Path:
+def _save(ax, path: Path, title: str, log: str = "") -> Path:
     ax.set_title(title, fontsize=10)
     for axis in log:
         getattr(ax, f"set_{axis}scale")("log")
     ax.grid(which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
     return path
 
 
@@ -31,7 +27,7 @@ def e2e_plot(doc: dict, path: Path) -> Path | None:
     if not entries:
         return None
     names, threads = list(dict.fromkeys(e["variant"] for e in entries)), sorted({e["threads"] for e in entries})
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) * len(threads) + 1.5))
+    ax = Figure(figsize=(9, 0.5 * len(names) * len(threads) + 1.5)).subplots()
     h = 0.8 / len(threads)
     for e in entries:
         s, j = e["stats"], threads.index(e["threads"])
@@ -44,7 +40,7 @@ def e2e_plot(doc: dict, path: Path) -> Path | None:
     ax.set_xlabel("latency per image, ms (median, bars p10-p90)")
     handles = {l: h_ for h_, l in zip(*ax.get_legend_handles_labels())}     # one entry per thread count
     ax.legend(handles.values(), handles.keys(), fontsize=8)
-    return _save(fig, ax, path, "End to end, batch 1 fp32", "x")
+    return _save(ax, path, "End to end, batch 1 fp32", "x")
 
 
 def layers_plot(doc: dict, t: int, path: Path) -> Path | None:
@@ -53,7 +49,7 @@ def layers_plot(doc: dict, t: int, path: Path) -> Path | None:
     if not series:
         return None
     order = [L["name"] for L in doc["model"]["layers"]]
-    fig, ax = plt.subplots(figsize=(max(9, 0.4 * len(order) + 2), 4.8))
+    ax = Figure(figsize=(max(9, 0.4 * len(order) + 2), 4.8)).subplots()
     w = 0.8 / len(series)
     for j, (name, by) in enumerate(series):
         ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(len(order))], [by[k] for k in order],
@@ -61,7 +57,7 @@ def layers_plot(doc: dict, t: int, path: Path) -> Path | None:
     ax.set_xticks(range(len(order)), order, rotation=70, fontsize=8)
     ax.set_ylabel("kernel time, ms (median)")
     ax.legend(fontsize=8)
-    return _save(fig, ax, path, f"Per layer, {t} thread(s)", "y")
+    return _save(ax, path, f"Per layer, {t} thread(s)", "y")
 
 
 def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
@@ -74,7 +70,7 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     P, B, ridge = p["fma_gflops"], p["triad_gbs"], p["ridge_flop_per_byte"]
     lo, hi = min(ai + [ridge]) / 2, max(ai + [ridge]) * 2
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+    ax = Figure(figsize=(11, 5.5)).subplots()
     ax.plot(xs, [min(P, x * B) for x in xs], "k-", lw=1.5, label=f"roof: FMA loop {P:.0f} GFLOP/s, triad {B:.1f} GB/s")
     ax.axvline(ridge, color="0.5", ls=":", lw=1, label=f"ridge point {ridge:.1f} FLOP/byte")
     names = list(dict.fromkeys(n for n, _ in pts))
@@ -88,14 +84,14 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     ax.set_xlabel("arithmetic intensity, FLOP per byte (2 x mult-adds / bytes of all kernel arguments)")
     ax.set_ylabel("achieved GFLOP/s")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, ax, path, f"Roofline, {t} thread(s)", "xy")
+    return _save(ax, path, f"Roofline, {t} thread(s)", "xy")
 
 
 def grid_plot(doc: dict, path: Path) -> Path | None:
     pts = [g for g in doc["grid"] if g["stats"]["n"]]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(9, 6))
+    ax = Figure(figsize=(9, 6)).subplots()
     names = list(dict.fromkeys(g["variant"] for g in pts))
     for i, n in enumerate(names):
         ps = [g for g in pts if g["variant"] == n]
@@ -107,4 +103,4 @@ def grid_plot(doc: dict, path: Path) -> Path | None:
     ax.set_xlabel("mult-adds, millions")
     ax.set_ylabel("latency, ms (median)")
     ax.legend(fontsize=8)
-    return _save(fig, ax, path, "alpha x rho grid (labels: alpha-resolution, paper's top-1 where printed)", "xy")
+    return _save(ax, path, "alpha x rho grid (labels: alpha-resolution, paper's top-1 where printed)", "xy")

@@ -25,15 +25,15 @@ def stats(samples: list[float], seed: int = 0, boot: int = 1000) -> dict:
     if a.size == 0:
         return {"n": 0}
     meds = np.median(np.random.default_rng(seed).choice(a, size=(boot, a.size)), axis=1)
-    return {"n": int(a.size), "median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
-            "p90": float(np.percentile(a, 90)), "min": float(a.min()), "max": float(a.max()),
-            "ci95": [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))]}
+    p10, p90 = np.percentile(a, [10, 90]).tolist()
+    return {"n": int(a.size), "median": float(np.median(a)), "p10": p10, "p90": p90, "min": float(a.min()),
+            "max": float(a.max()), "ci95": np.percentile(meds, [2.5, 97.5]).tolist()}
 
 
 def noise(block_medians: list[float]) -> float | None:
     """(p90 - p10) / median of one variant's per-block medians: how far two runs of it drift."""
     a = np.asarray(block_medians)
-    return float((np.percentile(a, 90) - np.percentile(a, 10)) / np.median(a)) if a.size >= 3 else None
+    return float(np.ptp(np.percentile(a, [10, 90])) / np.median(a)) if a.size >= 3 else None
 
 
 def check_output(out, ref: np.ndarray, oracle: str = "onnxruntime") -> dict:

@@ -106,9 +106,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     spec, remote, names = targets.load(cfg.target), None, cfg.variants
     if cfg.rpc_tracker:
         from . import board as B
-        B.check_config(cfg, spec)
-        remote = B.connect(cfg.rpc_tracker, cfg.rpc_key)
-        machine, board = B.identity(remote)
+        remote, machine, board = B.connect(cfg, spec)
         cores, names = board["cores"] or 1, [n for n in cfg.variants if n in V.TVM_VARIANTS]
     elif spec.arch != machine_arch() or spec.device != "cpu":
         raise MbnError(f"target {spec.name!r} ({spec.arch}, {spec.device}) does not run on this {machine_arch()} "
@@ -191,7 +189,7 @@ class Run:
         return [v for v in self.vs if v.ok and kind in (None, v.kind)]
 
     def all(self) -> None:
-        from .worker import ask, spin_settings
+        from .worker import NO_SPIN_ENV, ask
 
         cfg, doc, logs = self.cfg, self.doc, self.out / "logs"
         self.say(f"bench {doc['model']['name']} on {cfg.target}, threads {self.threads}, variants "
@@ -200,7 +198,9 @@ class Run:
         self.model = prepare_model(cfg, self.out / "model")
         doc["model"].update(input_shape=self.model["input_shape"], layers=self.model["layers"],
                             mult_adds=sum(l["mult_adds"] for l in self.model["layers"]))
-        doc["isolation"] = {"spin_settings": spin_settings(cfg.spin), "order": "random per round", "fence": {}}
+        spin = ({"all runtimes": "their default spin-wait inside their own block; the fence waits it out"} if cfg.spin
+                else {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"})
+        doc["isolation"] = {"spin_settings": spin, "order": "random per round", "fence": {}}
         logs.mkdir(parents=True, exist_ok=True)
         for v in self.ok("tvm"):
             self.say(f"{v.name}: {v.artifact}" if v.artifact else f"build {v.name} ...")
@@ -237,7 +237,7 @@ class Run:
         say(f"end to end, {t} thread(s): loading {len(vs)} variants ...")
         workers = {}
         try:
-            for (s, w, r), v in zip(start_workers([worker_spec(v, cfg, t, model) for v in vs], logs), vs):
+            for (w, r), v in zip(start_workers([worker_spec(v, cfg, t, model) for v in vs], logs), vs):
                 v.checks.append({"threads": t, **(r["check"] if w else r)})
                 if not w or not r["check"]["ok"]:
                     say(f"  {v.name}: " + (f"failed to load: {r['error']}" if not w else "output differs from "

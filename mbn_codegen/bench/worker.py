@@ -25,12 +25,6 @@ NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0", 
 FENCE_WINDOW_S, FENCE_IDLE_CPU_S, FENCE_TIMEOUT_S = 0.02, 0.002, 2.0
 
 
-def spin_settings(spin: bool) -> dict:
-    if spin:
-        return {"all runtimes": "their default spin-wait inside their own block; the fence waits it out"}
-    return {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"}
-
-
 class WorkerError(RuntimeError):
     pass
 
@@ -83,23 +77,23 @@ class Worker:
         self.log.close()
 
 
-def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[dict, Worker | None, dict]]:
+def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[Worker | None, dict]]:
     """Start all at once (loading is the slow part), then collect their ready replies."""
     out = []
-    for s, w in [(s, Worker(s, log_dir)) for s in specs]:
+    for w in [Worker(s, log_dir) for s in specs]:
         try:
-            out.append((s, w, w.request(None)))
+            out.append((w, w.request(None)))
         except WorkerError as e:
             w.close()
-            out.append((s, None, {"ok": False, "error": str(e)}))
+            out.append((None, {"ok": False, "error": str(e)}))
     return out
 
 
 def ask(spec: dict, cmd: dict, log_dir: Path) -> dict:
-    (_, w, r), = start_workers([spec], log_dir)
-    if not w:
-        raise WorkerError(r["error"])
+    """A one-off worker's answer to cmd."""
+    w = Worker(spec, log_dir)
     try:
+        w.request(None)
         return w.request(cmd)
     finally:
         w.close()
