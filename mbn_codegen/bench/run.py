@@ -239,12 +239,13 @@ class Run:
         try:
             for (w, r), v in zip(start_workers([worker_spec(v, cfg, t, model) for v in vs], logs), vs):
                 v.checks.append({"threads": t, **(r["check"] if w else r)})
-                if not w or not r["check"]["ok"]:
-                    say(f"  {v.name}: " + (f"failed to load: {r['error']}" if not w else "output differs from "
-                                           f"ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})"))
-                if w:
-                    w.request({"cmd": "time", "n": 0, "warmup": cfg.warmup})
-                    workers[v.name] = w
+                if not w:
+                    say(f"  {v.name}: failed to load: {r['error']}")
+                    continue
+                if not r["check"]["ok"]:
+                    say(f"  {v.name}: output differs from ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})")
+                workers[v.name] = w
+                w.request({"cmd": "time", "n": 0, "warmup": cfg.warmup})
             timers = {n: (lambda w=w: w.request({"cmd": "time", "n": cfg.reps, "warmup": 1})["samples_ms"])
                       for n, w in workers.items()}
             return self.interleave(t, timers, cfg.rounds, dest, say, lambda: fence(workers.values()))
