@@ -62,8 +62,9 @@ def identity(remote) -> tuple[dict, dict]:
         cores = sum(int(b) - int(a) + 1 for a, _, b in (r.partition("-") if "-" in r else (r, "", r)
                                                       for r in online.split(",") if r))
         info = {"cpuinfo": None, "online": online, "cores": cores or None, "usable_cores": cores or None,
-                "governor": dl(f"{cpu}/cpu0/cpufreq/scaling_governor"), "max_khz": dl(f"{cpu}/cpu0/cpufreq/cpuinfo_max_freq"),
-                "model": dl("/proc/device-tree/model"), "midr": dl(f"{cpu}/cpu0/regs/identification/midr_el1"),
+                "governor": dl(f"{cpu}/cpu0/cpufreq/scaling_governor"), "model": dl("/proc/device-tree/model"),
+                "max_khz": dl(f"{cpu}/cpu0/cpufreq/cpuinfo_max_freq"),
+                "midr": dl(f"{cpu}/cpu0/regs/identification/midr_el1"),
                 "machine": None, "emulated": None, "source": "remote.download of sysfs (stock rpc_server)"}
     c = {}
     for k, _, v in (line.partition(":") for line in (info.get("cpuinfo") or "").splitlines() if ":" in line):

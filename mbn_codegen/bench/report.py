@@ -88,12 +88,13 @@ def _img(out: Path, name: str | None, caption: str) -> str:
 
 def _headline(doc: dict, t: int) -> str:
     rows = [r for r in doc["summary"]["headline"] if r["threads"] == t]
+    measured = sorted((r for r in rows if "median_ms" in r), key=lambda r: 0 if emulated(doc) else r["median_ms"])
     fp = next((r["fastest_peer"] for r in rows if r.get("fastest_peer")), None)
     body = [[r["label"], fmt_ms(r["median_ms"]), f"{fmt_ms(r['p10_ms'])} – {fmt_ms(r['p90_ms'])}",
              f"{fmt_ms(r['ci95_ms'][0])} – {fmt_ms(r['ci95_ms'][1])}",
              "–" if r["noise"] is None else f"{100 * r['noise']:.1f}%", fmt_x(r["vs_stock"]),
              fmt_x(r["vs_fastest_peer"]), r["n"], {True: "✓", False: "✗ differs"}.get(r["check_ok"], "–")]
-            for r in sorted((r for r in rows if "median_ms" in r), key=lambda r: 0 if emulated(doc) else r["median_ms"])]
+            for r in measured]
     body += [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"]
              for r in rows if "median_ms" not in r]
     noise = [r["noise"] for r in rows if r.get("noise") is not None]
