@@ -153,6 +153,19 @@ def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
     return relax.transform.FoldConstant()(mod)
 
 
+def _pad_channels(mod: IRModule, ctx: LowerContext) -> IRModule:
+    """Channel counts that are not a multiple of the vector width (alpha 0.3 gives 10, 19, ...,
+    307) padded to one, so our CPU schedules run them on full vectors, not scalars (see
+    mbn_codegen/channel_pad.py). At most 8 lanes: AVX-512's 16 would pad MobileNet v2's 24-channel
+    layers by a third, and they already run on 8-lane vectors."""
+    if ctx.layout != "NHWC" or ctx.device != "cpu":
+        return mod
+    from .channel_pad import pad_channels
+    from .schedules import simd
+
+    return pad_channels(mod, min(simd(ctx.target)[0], 8))
+
+
 def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:
     """TVM's legalize+fuse passes, minus the GPU backend's trailing dlight pass: scheduling is the
     next phase's job, so tuned records and our rules get the unscheduled kernels first."""
@@ -240,6 +253,7 @@ PHASES: list[tuple[str, Callable[[IRModule, LowerContext], IRModule]]] = [
     ("fold-batchnorm", _fold_bn_into_conv),
     ("decompose", _decompose),
     ("layout", _layout),
+    ("pad-channels", _pad_channels),
     ("legalize-fuse", _legalize_fuse),
     ("schedule", _schedule),
 ]

@@ -48,6 +48,16 @@ class Rule(dlight.ScheduleRule):
     def default_knobs(self, info: dict, target) -> tuple[int, dict]:
         raise NotImplementedError
 
+    def vector_width(self, info: dict, target) -> int:
+        """The fp32 lanes this kernel's vectors actually get: the target's width, narrowed to a
+        power of two that divides the vectorised axis (9 channels: 1, i.e. scalar code; the
+        pad-channels phase pads such layers first). Named in the design space."""
+        extent = info.get(self.vector_axis) if self.vector_axis else None
+        lanes = simd(target)[0]
+        return lanes_for(extent, lanes) if extent else lanes
+
+    vector_axis = "f"          # the role (of analysis.analyze) that our CPU schedules vectorise
+
     def analyze(self, func) -> dict | None:
         info = analyze(func)
         return info if info is not None and self.matches(info) else None
@@ -93,7 +103,8 @@ class OneSpaceRule(Rule):
         if is_cuda(target):
             return [(f"{self.name}_cuda", self.schedule_cuda)]
         lanes = simd(target)[0]
-        return [(f"{self.name}_v{lanes}", lambda sch, b, k: self.schedule_cpu(sch, b, lanes, k))]
+        return [(f"{self.name}_v{self.vector_width(info, target)}",
+                 lambda sch, b, k: self.schedule_cpu(sch, b, lanes, k))]
 
     def default_knobs(self, info: dict, target) -> tuple[int, dict]:
         return 0, self.cuda_knobs(info) if is_cuda(target) else self.cpu_knobs(info, simd(target)[0])

@@ -60,6 +60,7 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
 class Dense(OneSpaceRule):
     """The classifier's matrix-vector product, weights [K, N]."""
     name = RULE
+    vector_axis = "n"
 
     def matches(self, info: dict) -> bool:
         return info["kind"] == "dense"

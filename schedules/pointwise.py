@@ -124,8 +124,8 @@ class Pointwise(Rule):
     def spaces(self, info: dict, target) -> list:
         if is_cuda(target):
             return [(f"{RULE}_cuda", schedule_cuda)]
-        lanes = simd(target)[0]
-        return [(f"{RULE}_v{lanes}_o{o}", (lambda o: lambda sch, b, k: schedule_cpu(sch, b, lanes, o, k))(o))
+        lanes, v = simd(target)[0], self.vector_width(info, target)
+        return [(f"{RULE}_v{v}_o{o}", (lambda o: lambda sch, b, k: schedule_cpu(sch, b, lanes, o, k))(o))
                 for o in ORDERS]
 
     def default_knobs(self, info: dict, target) -> tuple[int, dict]:
