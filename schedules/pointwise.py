@@ -1,12 +1,11 @@
 """1x1 pointwise convolution (and the dense 3x3 stem) in NHWC with HWIO weights: a GEMM
 out[y, x, f] = sum_c in[y, x, c] * W[c, f].
 
-CPU register tile: `x_in` output pixels of a row x `f_in` vectors of `lanes` output channels live in
-registers; each step of the channel loop loads one weight row segment (f_in vectors, contiguous
-in HWIO) and broadcasts x_in input values, so it issues x_in * f_in FMAs for f_in + x_in loads.
-AVX-512 has 32 zmm registers: 4 x 2 x 16 keeps 8 accumulators, 2 weight vectors and a broadcast
-with room to spare; up to 7 x 3 (21 accumulators) still fits. AVX2 (16 ymm) wants
-x_in * f_in <= 12, NEON (32 q registers, 4 lanes) like AVX-512 in count.
+CPU register tile: a block of y_in x x_in output pixels x `f_in` vectors of `lanes` output channels
+live in registers; each step of the channel loop loads one weight row segment (f_in vectors,
+contiguous in HWIO) and broadcasts one input value per pixel, so it issues pixels * f_in FMAs for
+f_in + pixels loads. AVX2 (16 ymm) takes 2 x 2 x 2 (8 accumulators), NEON and AVX-512 (32
+registers) 2 x 2 x 4 (16); see `register_tile`.
 
 Weights are re-laid out at compile time for the chosen loop order (RewriteLayout, see
 mbn_codegen/kernels.py): in HWIO the 1024-channel layers put each weight row 4 KB apart, a new
@@ -19,6 +18,8 @@ Measured (AMD EPYC Zen 3, AVX2, whole v1 1.0-224 with default knobs, interleaved
 register-budget tiles + order 1 for weights over 256 KiB took 1/2 threads from 26.5/16.1 ms (7-8 x 1
 tiles, order 1 everywhere) to 22.0/11.7 ms, against ONNX Runtime's 18.3/11.0 ms; with order 0 on the
 14x14 layers the new tiles gave 25.0/13.3 ms (per-layer: their weights came from L3 per pixel block).
+2 x 2 pixel blocks then took the 14x14-112x112 layers from 78-86% to 91-96% of the FMA peak (CPU time,
+1 thread, one interleaved run); 7x7 layers stay at 7 x 1 (7 accumulators, ~65%): 7 is prime.
 """
 from __future__ import annotations
 
@@ -29,36 +30,48 @@ RULE = "mbn_pointwise"
 L2_SHARE = 256 * 1024
 
 
-def register_tile(x: int, f_vecs: int, registers: int) -> tuple[int, int]:
-    """(x_in, f_in) for the register tile: x_in * f_in accumulators + f_in weight vectors + one
-    broadcast must fit the register file, or LLVM spills an accumulator and every step of the
-    channel loop waits on a store-reload (seen on AVX2 with 7 x 2: 17 registers of 16). Among
-    the tiles that fit, those with >= 8 accumulators (FMA latency 4 x 2 pipes) first, then the
-    fewest loads per FMA, (x_in + f_in) / (x_in * f_in)."""
-    best, key = (1, 1), None
-    for x_in in (d for d in range(1, min(x, 8) + 1) if x % d == 0):
-        for f_in in (d for d in range(1, min(f_vecs, 4) + 1) if f_vecs % d == 0):
-            if x_in * f_in + f_in + 1 > registers:
-                continue
-            acc = x_in * f_in
-            k = (acc >= 8, -(x_in + f_in) / acc, acc, x_in)
-            if key is None or k > key:
-                best, key = (x_in, f_in), k
+def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int) -> tuple[int, int, int]:
+    """(y_in, x_in, f_in): a y_in x x_in block of output pixels times f_in vectors of channels in
+    registers. y_in * x_in * f_in accumulators + f_in weight vectors + one broadcast must fit the
+    register file, or LLVM spills an accumulator and every step of the channel loop waits on a
+    store-reload (seen on AVX2 with 7 x 2: 17 registers of 16; 2 x 7 x 1 = 16 spilled too: one
+    register stays reserved). Among the tiles that fit, in order:
+    1. >= 8 accumulators: FMA latency x FMA pipes (Zen 3: 7 accumulators reached 60% of the FMA
+       peak, 8 reached 85%);
+    2. the fewest loads per FMA, (pixels + f_in) / accumulators;
+    3. a weight step of one 64-byte cache line (f_in * lanes * 4 bytes): AVX2 2 x 2 x 2 ran
+       14x14, 28x28, 56x56 layers at 90-95% of the FMA peak where 1 x 2 x 4 / 1 x 4 x 2 (same
+       loads per FMA) ran at 78-85% (Zen 3, 1 thread, one interleaved run);
+    4. the squarer pixel block."""
+    best, key = (1, 1, 1), None
+    ys = [d for d in range(1, min(y, 4) + 1) if y % d == 0]
+    xs = [d for d in range(1, min(x, 8) + 1) if x % d == 0]
+    fs = [d for d in range(1, min(f_vecs, 4) + 1) if f_vecs % d == 0]
+    for y_in in ys:
+        for x_in in xs:
+            for f_in in fs:
+                px = y_in * x_in
+                acc = px * f_in
+                if acc + f_in + 1 > registers - (1 if y_in > 1 else 0) or px > 8:
+                    continue
+                k = (acc >= 8, -(px + f_in) / acc, -abs(f_in * lanes * 4 - 64), acc, -abs(y_in - x_in))
+                if key is None or k > key:
+                    best, key = (y_in, x_in, f_in), k
     return best
 
 
 def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     f_vecs = info["f"] // v
-    x_in, f_in = register_tile(info["x"], f_vecs, registers)
+    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v)
     kc = largest_divisor(info["rc"], 64)
     # order 0 re-reads all the weights for every block of pixels, order 1 keeps a weight panel in
     # cache and re-reads the input per block of channels. Weights that fit a core's share of L2
     # (256 KiB: Zen 3 has 512 KiB, a Pi 4's A72s share 1 MiB) cost little to re-read; larger ones
     # (14x14 layers: 1 MiB, 7x7: 2-4 MiB) came from L3 98 times per layer with order 0.
     order = 1 if info["rc"] * info["f"] * 4 > L2_SHARE else 0
-    return {"x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in], "rc": [info["rc"] // kc, kc],
-            "order": order}
+    return {"y": [info["y"] // y_in, y_in], "x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in],
+            "rc": [info["rc"] // kc, kc], "order": order}
 
 
 ORDERS = (0, 1)
@@ -68,18 +81,21 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None) 
     """order 0: pixel blocks outer (weights re-streamed per pixel block); order 1: output-channel
     blocks outer (a weight panel stays in cache across all pixels). The order is a separate
     design space, not a sampled knob: MetaSchedule traces cannot branch on sampled values.
-    Knobs: x (pixels along a row in the register tile), f (vector tile), rc (channel blocking)."""
+    Knobs: y, x (rows and pixels along a row in the register tile), f (vector tile), rc (channel
+    blocking)."""
     k = knobs or {}
     out, v, (n, y, x0, x1, f0, f1, fv, ry, rx, rc) = cpu_conv_prologue(sch, block, RULE, lanes, k)
+    y0, y1 = tile(sch, y, 2, 4, k.get("y"))
     rc0, rc1 = tile(sch, rc, 2, 64, k.get("rc"))
-    outer = [n, y, x0, f0] if order == 0 else [n, f0, y, x0]
-    sch.reorder(*outer, rc0, ry, rx, rc1, x1, f1, fv)
-    sch.parallel(sch.fuse(*outer[:2]))          # before the epilogue joins this loop nest
+    outer = [n, y0, x0, f0] if order == 0 else [n, f0, y0, x0]
+    sch.reorder(*outer, rc0, ry, rx, rc1, y1, x1, f1, fv)
+    sch.parallel(sch.fuse(*outer[:3]))          # before the epilogue joins this loop nest
     if out is not None:
         sch.reverse_compute_at(out, outer[-1], preserve_unit_loops=True)
     sch.vectorize(fv)
     sch.unroll(f1)          # the register tile: unrolled so its accumulators become registers
     sch.unroll(x1)
+    sch.unroll(y1)
     sch.decompose_reduction(block, rc0)          # the init copies the vectorize/unroll above
     cpu_epilogue(sch, out, v)
 

@@ -115,18 +115,22 @@ def test_simd_asked_of_the_target():
     assert simd(Target({"kind": "llvm", "mcpu": "x86-64"})) == (4, 16)
 
 
-@pytest.mark.parametrize("x,f_vecs,regs", [(7, 128, 16), (14, 64, 16), (28, 32, 16), (112, 8, 16),
-                                           (14, 32, 32), (7, 64, 32), (56, 8, 32), (7, 2, 16)])
-def test_pointwise_register_tile_fits(x, f_vecs, regs):
-    x_in, f_in = register_tile(x, f_vecs, regs)
-    assert x % x_in == 0 and f_vecs % f_in == 0
-    assert x_in * f_in + f_in + 1 <= regs                   # accumulators + weights + broadcast
+@pytest.mark.parametrize("y,x,f_vecs,regs,lanes", [(7, 7, 128, 16, 8), (14, 14, 64, 16, 8), (28, 28, 32, 16, 8),
+                                                     (112, 112, 8, 16, 8), (14, 14, 32, 32, 16), (7, 7, 64, 32, 16),
+                                                     (56, 56, 8, 32, 4), (7, 7, 2, 16, 8), (20, 20, 48, 16, 8)])
+def test_pointwise_register_tile_fits(y, x, f_vecs, regs, lanes):
+    y_in, x_in, f_in = register_tile(y, x, f_vecs, regs, lanes)
+    assert y % y_in == 0 and x % x_in == 0 and f_vecs % f_in == 0
+    acc = y_in * x_in * f_in
+    assert acc + f_in + 1 <= regs                           # accumulators + weights + broadcast
     # no fitting tile has more accumulators AND fewer loads per FMA
-    for xi in range(1, min(x, 8) + 1):
-        for fi in range(1, min(f_vecs, 4) + 1):
-            if x % xi or f_vecs % fi or xi * fi + fi + 1 > regs:
-                continue
-            assert not (xi * fi > x_in * f_in and (xi + fi) / (xi * fi) < (x_in + f_in) / (x_in * f_in))
+    for yi in (d for d in range(1, 5) if y % d == 0):
+        for xi in (d for d in range(1, min(x, 8) + 1) if x % d == 0):
+            for fi in (d for d in range(1, 5) if f_vecs % d == 0):
+                a = yi * xi * fi
+                if a + fi + 1 > regs - (yi > 1) or yi * xi > 8:
+                    continue
+                assert not (a > acc and (yi * xi + fi) / a < (y_in * x_in + f_in) / acc), (yi, xi, fi)
 
 
 ARM_SCRIPT = r"""
