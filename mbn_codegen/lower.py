@@ -58,7 +58,10 @@ def _clip_as_min_max():
 
 
 def import_onnx(onnx_model, ctx: LowerContext) -> IRModule:
+    from .export import fold_shapes
+
     try:
+        onnx_model = fold_shapes(onnx_model, ctx.input_shape)
         with _clip_as_min_max():
             return from_onnx(onnx_model, shape_dict={ctx.input_name: list(ctx.input_shape)})
     except Exception as e:

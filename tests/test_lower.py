@@ -92,15 +92,12 @@ def test_failed_phase_is_a_lowering_error(tmp_path, monkeypatch):
     assert "--dump-ir" in msg
 
 
-def test_shuffle_export_fails_in_decompose_with_a_named_error(tmp_path):
-    """ShuffleNet's channel shuffle exports as Shape->Gather->...->Reshape, which TVM's
-    inference decomposition cannot legalize (a bare AssertionError from emit_te)."""
+def _export_shuffle(tmp_path):
+    """ShuffleNet's channel shuffle and split export as Shape->Gather->...->Reshape/Slice."""
     import warnings
 
     import torch
     from torch import nn
-
-    from mbn_codegen.errors import LoweringError
 
     class Shuffle(nn.Module):
         def forward(self, x):
@@ -114,6 +111,49 @@ def test_shuffle_export_fails_in_decompose_with_a_named_error(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(Shuffle().eval(), (torch.zeros(1, 6, 8, 8),), str(path), input_names=["input"],
                           opset_version=17, dynamo=False, do_constant_folding=False)
+    return path
+
+
+def test_shape_arithmetic_folded_before_import(tmp_path):
+    """With the input shape fixed, the shape arithmetic folds to constants: no dynamic ops reach
+    Relax, and the model lowers and matches ONNX Runtime."""
+    from mbn_codegen.export import fold_shapes
+
+    path = _export_shuffle(tmp_path)
+    model = onnx.load(str(path))
+    assert {"Shape", "Gather"} <= {n.op_type for n in model.graph.node}
+    folded = fold_shapes(model, (1, 6, 8, 8))
+    assert not {"Shape", "Gather"} & {n.op_type for n in folded.graph.node}
+    ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "input", (1, 6, 8, 8))
+    mod = lower(model, ctx)
+    text = mod.script(show_meta=False)
+    assert "shape_of" not in text and "dynamic_strided_slice" not in text
+    vm = relax.VirtualMachine(build_module(mod, ctx), tvm.cpu())
+    for seed in range(2):
+        x = np.random.default_rng(seed).standard_normal((1, 6, 8, 8)).astype("float32")
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), onnxruntime_run(path, x),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_graph_without_shape_ops_is_not_copied(tmp_path):
+    from mbn_codegen.export import fold_shapes
+
+    path = export_onnx(make_live(create("mobilenet_v1", 0.25, 32)), tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    assert fold_shapes(model, (1, 3, 32, 32)) is model
+
+
+def test_failure_after_shape_folding_names_phase_and_operator(tmp_path, monkeypatch):
+    """A failure in a phase after the import stays a LoweringError naming the phase and the op."""
+    import mbn_codegen.lower as lower_mod
+    from mbn_codegen.errors import LoweringError
+
+    path = _export_shuffle(tmp_path)
+
+    def broken(mod, ctx):
+        raise ValueError("cannot lower\n  R.nn.conv2d(lv, w) in the failing op")
+
+    monkeypatch.setattr(lower_mod, "PHASES", [(n, broken if n == "legalize-fuse" else fn) for n, fn in PHASES])
     ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "input", (1, 6, 8, 8))
     try:
         lower(onnx.load(str(path)), ctx)
@@ -121,7 +161,7 @@ def test_shuffle_export_fails_in_decompose_with_a_named_error(tmp_path):
         msg = str(e)
     else:
         raise AssertionError("no LoweringError")
-    assert "lowering phase 'decompose' failed" in msg and "AssertionError" in msg and "emit_te" in msg
+    assert "lowering phase 'legalize-fuse' failed at operator 'nn.conv2d'" in msg
 
 
 def test_propagate_nan_clip_keeps_fusion_and_nan(tmp_path):
