@@ -4,14 +4,13 @@ one-file bundles that carry them to boards without internet (mbn_codegen.bundle)
 - x86_64, Python 3.10 and 3.12 (pyenv's): a bundle's install.sh makes a fresh venv and pip-installs
   from the bundle's wheels only; there the artifact passes its self-check, torch and onnx are not
   importable, TVM's RPC server serves a session, and `mbn-codegen build` names the missing extra.
-- aarch64 (marked qemu): a bundle for Python 3.11 installs into the emulated Debian python3.11,
-  which has neither pip nor ensurepip: `install.sh --site DIR` runs pip from the bundled pip wheel
-  with `--target DIR`. The artifact passes its self-check there.
+- aarch64: a bundle for Python 3.11 installing into the emulated Debian python3.11 (no pip, no
+  ensurepip: `install.sh --site DIR`) is part of test_board_workflow.py.
 - `mbn-codegen run` on an arm64 artifact: emulated when qemu is set up, else the named error.
 
 Wheels come from PyPI once and are cached in ~/.cache/mbn-codegen/wheels; without PyPI and without
-that cache the install tests skip with the reason. About 4 minutes on 2 cores, mostly two model
-builds and the emulated pip install.
+that cache the install tests skip with the reason. About 3 minutes on 2 cores, mostly two model
+builds.
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ import pytest
 
 from mbn_codegen.bundle import (COMPILE_MODULES, BundleError, CompilerNotInstalledError, build_wheel, bundle,
                                 compiler_missing)
-from mbn_codegen.emulation import arm64_root
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHA, RES = 0.25, 32
@@ -242,39 +240,6 @@ def test_runtime_only_venv_from_bundle(python, x86_artifact, own_wheel, tmp_path
 
 # ---------------------------------------------------------------------------------------------
 # aarch64 under qemu
-
-def _emulated_python(tmp_path: Path) -> Path:
-    """A `python3.11` command that runs Debian's arm64 interpreter from the sysroot under qemu, with
-    nothing on its path but the standard library (no site folder of the emulation setup)."""
-    from mbn_codegen.emulation import qemu_binary
-    root = arm64_root()
-    wrapper = tmp_path / "python3.11"
-    wrapper.write_text(f'#!/bin/sh\nexec "{qemu_binary()}" -L "{root}/sysroot" "{root}/sysroot/usr/bin/python3.11" '
-                       '"$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
-
-
-@pytest.mark.qemu
-def test_arm64_bundle_installs_offline_under_emulation(arm64_artifact, own_wheel, tmp_path):
-    archive = _make_bundle(arm64_artifact, "3.11", own_wheel, tmp_path / "arm.tar.gz")
-    top = _unpack(archive, tmp_path / "board")
-    assert {p.name.split("-")[0] for p in (top / "wheels").glob("*.whl")} >= {
-        "apache_tvm", "apache_tvm_ffi", "numpy", "mbn_codegen", "pip", "cloudpickle", "psutil"}
-    assert all("x86_64" not in p.name for p in (top / "wheels").iterdir())
-    py = _emulated_python(tmp_path)
-    env = _board_env(PYTHON=str(py), PIP_NO_COMPILE="1")   # byte-compiling under emulation: minutes
-    bare = subprocess.run([str(py), "-c", "import pip"], capture_output=True, text=True, env=env, timeout=120)
-    assert bare.returncode != 0, "the emulated python has pip: this test would not exercise the pip-less path"
-
-    site = tmp_path / "site"
-    r = subprocess.run(["sh", str(top / "install.sh"), "--site", str(site)], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "self-check: ok on aarch64" in r.stdout
-    assert (site / "tvm" / "lib" / "libtvm_runtime.so").is_file()
-    assert not (site / "torch").exists()
-
 
 @pytest.mark.qemu
 def test_run_arm64_artifact_is_emulated(arm64_artifact, x86_artifact, photo):

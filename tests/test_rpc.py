@@ -1,8 +1,9 @@
 """Tuning on boards through TVM's RPC tracker, on loopback: the "boards" are RPC servers running
 under qemu-aarch64 (arm64 Python + TVM's aarch64 wheels), the tracker and the tuner run here.
-Timings measured under emulation mean nothing; these tests check the plumbing: real records come
-back from the emulated board, several boards under one key share the work, a build applies the
-records and the artifact runs, and a board dying mid-tune costs failed records, not the tune."""
+Timings measured under emulation mean nothing; these tests check the plumbing: a board dying
+mid-tune costs failed records, not the tune; a missing tracker, key or board is a named error.
+A tune on an emulated board followed by a build that applies its records is part of
+test_board_workflow.py."""
 from __future__ import annotations
 
 import json
@@ -19,14 +20,6 @@ from mbn_codegen.tuning import RECORDS, TuneConfig, TuningError, tune
 ONLY = ["fused_conv2d1_add_relu", "fused_conv2d2_add1_relu1"]
 FAILED = 1e9          # MetaSchedule stores failed measurements as run_secs [1e10]
 
-RUN = r"""
-import json, sys
-from mbn_codegen.runtime import load, machine_arch
-m = load(sys.argv[1])
-json.dump({"arch": machine_arch(), "selfcheck": m.selfcheck()}, open(sys.argv[2], "w"))
-"""
-
-
 def _cfg(tracker, key, work_dir, **kw) -> TuneConfig:
     return TuneConfig(target="arm64", alpha=0.25, resolution=32, only=ONLY, max_trials=8, trials_per_task=4,
                       trials_per_iter=4, rpc_tracker=tracker.address, rpc_key=key, work_dir=str(work_dir), **kw)
@@ -41,64 +34,12 @@ def _records(work_dir) -> list[tuple[int, list[float]]]:
     return out
 
 
-def _sessions(server: rpc.RPCProcess) -> int:
-    """Modules the server loaded: one per measured candidate."""
-    return server.log_tail(10 ** 7).count("load_module")
-
-
 @pytest.fixture(scope="module")
 def tracker():
     tr = rpc.start_tracker()
     tr.address = f"{tr.host}:{tr.port}"
     yield tr
     tr.terminate()
-
-
-@pytest.mark.qemu
-@pytest.mark.tuning
-def test_remote_tune_on_emulated_boards_then_build_and_run(tracker, tmp_path):
-    """Two emulated boards under one key, two RPC workers: real records from both boards, then
-    a build that applies them and an artifact that passes its selfcheck under emulation."""
-    from mbn_codegen.build import BuildConfig, build
-    from mbn_codegen.emulation import run_python_arm64
-
-    key = "qemu-a72"
-    servers = [rpc.start_server(tracker, key, wait=False, log_path=tmp_path / f"server{i}.log")
-               for i in range(2)]
-    try:
-        rpc.wait_for_servers(tracker, key, count=2, ports=[s.port for s in servers], procs=servers,
-                             timeout=180)
-        summary = rpc.query_tracker(tracker.host, tracker.port)
-        assert rpc.count_servers(summary, key) == 2, summary
-
-        db = tune(_cfg(tracker, key, tmp_path / "db", rpc_workers=2), log=lambda s: None)
-        recs = _records(db)
-        assert len(recs) == 8 and {wl for wl, _ in recs} == {0, 1}, recs
-        good = [r for _, r in recs if max(r) < FAILED]
-        assert len(good) >= 1, f"no successful remote measurement: {recs}"
-        # every candidate was measured on an emulated board, and both boards took a share
-        per_server = [_sessions(s) for s in servers]
-        print(f"records {recs}; sessions per board {per_server}")
-        assert sum(per_server) >= len(good) and min(per_server) >= 1, per_server
-        prov = json.loads((db / "provenance.json").read_text())["runs"][-1]
-        assert prov["measured_on"] == f"rpc {tracker.address} key {key}"
-    finally:
-        for s in servers:
-            s.stop()
-
-    art = build(BuildConfig(target="arm64", alpha=0.25, resolution=32, database=str(db),
-                            out=str(tmp_path / "art")), log=lambda s: None)
-    kernels = {k["name"]: k["source"] for k in json.loads((art / "manifest.json").read_text())["kernels"]}
-    for name in ONLY:
-        assert kernels[name] == "tuned", kernels
-    assert sum(1 for s in kernels.values() if s == "tuned") == len(ONLY), kernels
-
-    (tmp_path / "run.py").write_text(RUN)
-    r = run_python_arm64([str(tmp_path / "run.py"), str(art), str(tmp_path / "out.json")], timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    got = json.loads((tmp_path / "out.json").read_text())
-    assert got["arch"] == "aarch64"
-    assert got["selfcheck"]["ok"], got["selfcheck"]
 
 
 @pytest.mark.qemu
