@@ -125,8 +125,9 @@ def test_tune_build_bench_bundle_install_on_an_emulated_board(tmp_path):
                         max_trials=TRIALS, trials_per_task=TRIALS, trials_per_iter=TRIALS, only=ONLY), log=quiet)
         recs = _records(db)
         assert len(recs) == TRIALS and {wl for wl, _ in recs} == {0}, recs
-        assert any(max(r) < FAILED for _, r in recs), f"no successful measurement on the board: {recs}"
-        assert server.log_tail(10 ** 7).count("load_module") >= 1          # measured there, not here
+        good = [r for _, r in recs if max(r) < FAILED]
+        assert good, f"no successful measurement on the board: {recs}"
+        assert server.log_tail(10 ** 7).count("load_module") >= len(good)   # measured there, not here
         prov = json.loads((db / "provenance.json").read_text())["runs"][-1]
         assert prov["measured_on"] == f"rpc {address} key {KEY}", prov
         lap("tune")
