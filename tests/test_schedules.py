@@ -115,6 +115,20 @@ def test_simd_asked_of_the_target():
     assert simd(Target({"kind": "llvm", "mcpu": "x86-64"})) == (4, 16)
 
 
+@pytest.mark.parametrize("y,x,f_vecs,regs,lanes,want", [(56, 56, 16, 16, 8, (2, 2, 2)), (112, 112, 4, 16, 8, (2, 2, 2)),
+                                                          (7, 7, 128, 16, 8, (1, 7, 1)), (56, 56, 32, 32, 4, (2, 2, 4)),
+                                                          (7, 7, 256, 32, 4, (1, 7, 2)), (14, 14, 1, 16, 8, (1, 7, 1))])
+def test_depthwise_register_tile(y, x, f_vecs, regs, lanes, want):
+    """At most half the registers hold accumulators (the rest: inputs in flight and a weight);
+    within that, the most accumulators, then a pixel's vectors filling a 64-byte line."""
+    from mbn_codegen.schedules.depthwise import register_tile
+
+    got = register_tile(y, x, f_vecs, regs, lanes)
+    assert got == want
+    y_in, x_in, f_in = got
+    assert y % y_in == 0 and x % x_in == 0 and f_vecs % f_in == 0 and y_in * x_in * f_in <= regs // 2
+
+
 @pytest.mark.parametrize("y,x,f_vecs,regs,lanes", [(7, 7, 128, 16, 8), (14, 14, 64, 16, 8), (28, 28, 32, 16, 8),
                                                      (112, 112, 8, 16, 8), (14, 14, 32, 32, 16), (7, 7, 64, 32, 16),
                                                      (56, 56, 8, 32, 4), (7, 7, 2, 16, 8), (20, 20, 48, 16, 8)])
