@@ -147,6 +147,33 @@ def test_pointwise_register_tile_fits(y, x, f_vecs, regs, lanes):
                 assert not (a > acc and (yi * xi + fi) / a < (y_in * x_in + f_in) / acc), (yi, xi, fi)
 
 
+@pytest.mark.parametrize("cin", [512, 1024])
+def test_pointwise_7x7_splits_the_channel_loop(cin):
+    """7x7 on AVX2 has no >= 8-accumulator tile (7 x 1 x 1): its default is the two-chain space,
+    every space of it, sampled, matches numpy, and the weights still get prepacked for its loops."""
+    from mbn_codegen._tvm import ms
+    from mbn_codegen.kernels import mark_layout_free
+
+    spec = targets.load("x86_64")
+    mod, w, b = conv_module("pw", 7, cin, 1024, 1)
+    x = np.random.default_rng(2).standard_normal((1, 7, 7, cin)).astype("float32")
+    base, gv, ctx, target = fused(mod, spec)
+    func = base[gv]
+    sched, name = schedules.default_schedule(func, target)
+    assert name.endswith("_c2"), name
+    sch = Schedule(schedules.default_schedule(mark_layout_free(base, ctx)[gv], target)[0])
+    ms.postproc.RewriteLayout().apply(sch)
+    packed = sch.mod["main"].script()
+    dims = ", ".join(f"T.int64({d})" for d in (128, cin // 64, 32, 2, 8))      # f0, rc0, rc1, chain, lane
+    assert "_rf" in packed and f"sblock_alloc_buffer(({dims}))" in packed, packed[:1500]
+    spaces = schedules.space_fn(func, target)(Schedule(func, seed=3))
+    assert [s.mod["main"].script().count("_rf_update") > 0 for s in spaces] == [False, False, True, True]
+    want = reference(x, w, b, "pw", 1)
+    for i, s in [("default", sched)] + [(f"space{i}", spaces[i].mod["main"]) for i in (2, 3)]:
+        base[gv] = s.with_attr("tirx.is_scheduled", True)
+        np.testing.assert_allclose(run_cpu(base, ctx, x), want, rtol=1e-4, atol=1e-4, err_msg=i)
+
+
 ARM_SCRIPT = r"""
 import ctypes, importlib.util, json, os, sys, numpy as np, tvm_ffi
 lib = os.path.join(os.path.dirname(importlib.util.find_spec("tvm").origin), "lib", "libtvm_runtime.so")
