@@ -74,7 +74,7 @@ def test_onnx_spec_validates_the_users_file(tmp_path):
 
 
 def test_registry_entries_build_their_modules():
-    assert models.names() == ["mobilenet_v1", "mobilenet_v2"]
+    assert models.names() == ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"]
     for name in models.names():
         entry = models.get(name)
         m = models.create(name, 0.25, 32, num_classes=10)

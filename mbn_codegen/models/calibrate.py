@@ -15,6 +15,7 @@ from torch import nn
 @torch.no_grad()
 def make_live(model: nn.Module, seed: int = 0, batches: int = 3, batch_size: int = 4) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
+    momentum = {m: m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
@@ -31,7 +32,6 @@ def make_live(model: nn.Module, seed: int = 0, batches: int = 3, batch_size: int
     model.train()
     for _ in range(batches):
         model(torch.randn(batch_size, 3, res, res, generator=g))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = 0.1
+    for m, mom in momentum.items():
+        m.momentum = mom          # the model's own (torchvision's v3 uses 0.01)
     return model.eval()
