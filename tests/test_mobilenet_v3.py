@@ -166,3 +166,19 @@ def test_make_live_keeps_v3_outputs_input_dependent():
     with torch.no_grad():
         y = m(torch.from_numpy(np.stack(distinct_inputs((1, 3, 96, 96), 2))[:, 0]))
     assert (y[0] - y[1]).abs().max() > 1e-2 * y.abs().max()
+
+
+def test_v3_small_cuda_kernels_ours_and_compile(tmp_path):
+    """On CUDA the convs and the SE pools get our rules too, and the module compiles to CUDA
+    source (no GPU needed to generate it; running it is the GPU tests' job)."""
+    from mbn_codegen.cuda import module_binary_format
+
+    model = make_live(create("mobilenet_v3_small", 0.25, 32))
+    path = export_onnx(model, tmp_path / "m.onnx")
+    ctx = LowerContext(targets.load("cuda").tvm_target(), "cuda", "input", (1, 3, 32, 32))
+    mod = lower(onnx.load(str(path)), ctx)
+    sources = {k["kind"]: k["source"] for k in ctx.notes["kernels"]}
+    assert sources["reduction"] == "ours-default:mbn_global_pool_cuda"
+    assert sources["depthwise"] == "ours-default:mbn_depthwise_cuda"
+    assert sources["pointwise"] == "ours-default:mbn_pointwise_cuda"
+    assert module_binary_format(build_module(mod, ctx)) in ("cu", "ptx", "fatbin")
