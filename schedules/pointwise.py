@@ -84,7 +84,8 @@ def reduction_chains(acc: int, f_in: int, rc: int, registers: int) -> int:
     thread, CPU time, 4 interleaved runs on a busy machine: 7x7x512->1024 from 61-74% to 65-76% of the
     FMA peak (1-11% faster each run), 7x7x1024->1024 from 44-64% to 51-64% (0-14%): far from the
     ~100% of 14 accumulators in a register-only loop, so loads/caches limit these layers now.
-    Whole v1 1.0-224 at 1 thread: min 1.4-4% faster in 4 of 5 interleaved runs. Otherwise 1."""
+    Whole v1 1.0-224 at 1 thread, same tree built with 1 and 2 chains, 3 interleaved runs: min
+    16.18/16.32/16.65 -> 15.76/15.84/16.25 ms (2.4-2.9%), medians 0.7-3.3% lower. Otherwise 1."""
     return 2 if acc < 8 and rc % 2 == 0 and 2 * acc + f_in + 1 <= registers else 1
 
 
