@@ -17,8 +17,9 @@ default (1 x 8 (or 7) x 1, taps ry in a loop) against this one (2 x 2 x 2 where 
   56x56x128 s1   38/33% -> 38/34%     56x56x128 s2   25/25% -> 31/27%
   28x28x256 s1   44/44% -> 45/42%     14x14x512 s1   36/34% -> 42/42%
   7x7x1024 s1    28/28% -> 27/29%
-Whole v1 1.0-224 at 1 thread (interleaved with ONNX Runtime), min of two runs: 17.64 -> 16.40 ms and
-17.32 -> 17.09 ms (medians 19.74 -> 19.66, 20.94 -> 20.06).
+Whole v1 1.0-224 at 1 thread, the same tree built with the old and the new depthwise default,
+interleaved with ONNX Runtime, two runs: min 16.78 -> 16.47 and 17.87 -> 16.21 ms (medians
+21.43 -> 20.79, 22.92 -> 22.50).
 Tried and dropped: 1 x 4 x 2 (tie at 112 and stride 2, 8 points behind at 56), 2 x 4 x 1 (ahead
 at 112x112 in one run, 11 points behind at 56x56), 1 x 2 x 4 (6-9 points behind), the vector loop outside the taps so one vector's 9 weights stay
 in registers (2-10 points behind: it leaves 4 independent accumulators per step, not 8), the
