@@ -5,6 +5,7 @@ Importing this module checks the tvm / tvm-ffi pair first.
 """
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 
 from .errors import VersionMismatchError
@@ -56,10 +57,59 @@ from tvm.rpc import base as rpc_base  # noqa: E402
 from tvm.rpc.tracker import Tracker as RPCTracker  # noqa: E402
 
 IRModule = tvm.IRModule
+
+
+@contextlib.contextmanager
+def tensor_intrinsics_skipped():
+    """MetaSchedule's TuneContext imports tvm.s_tir.tensor_intrin on creation (1.5-4 minutes here,
+    see preload_tensor_intrinsics); design spaces without tensorization (our rules; TVM's generic
+    rules on targets without VNNI/dot-product instructions) never look a tensor intrinsic up. Inside
+    this block that import finds an empty module; afterwards the real one imports as usual."""
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        sys.modules.pop(name, None)
+
+
+def preload_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin (MetaSchedule's TuneContext does, on its first use) with a
+    cheap inspect.stack(). The import parses ~250 TVMScript functions, and TVMScript's parser calls
+    inspect.stack(), which reads the source of every outer frame (~80 deep inside an import), each
+    read scanning sys.modules: 4 minutes of a tiny tune on a loaded 2-core machine. The parser looks
+    at the source of the 3 innermost frames only, so those keep it."""
+    import inspect
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    full = inspect.stack
+
+    def stack(context: int = 1):
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            info = inspect.getframeinfo(frame, context if len(frames) < 3 else 0)
+            frames.append(inspect.FrameInfo(frame, *info, positions=info.positions))
+            frame = frame.f_back
+        return frames
+
+    inspect.stack = stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = full
 Constant = tvm.ir.expr.Constant
 Schedule = tvm.s_tir.Schedule
 
 __all__ = ["tvm", "tvm_ffi", "relax", "tirx", "from_onnx", "onnx_frontend", "detach_params", "ms",
            "dlight", "find_anchor_sblock", "Target", "target_has_features", "IRModule", "Constant", "Schedule", "tir_build",
            "derived_object", "dpl", "RemoveWeightLayoutRewriteBlock", "PopenPoolExecutor", "tvm_nvcc", "tvm_rpc", "rpc_base", "RPCTracker",
-           "check_versions", "TVM_VERSION", "TVM_FFI_VERSION"]
+           "check_versions", "TVM_VERSION", "TVM_FFI_VERSION", "preload_tensor_intrinsics",
+           "tensor_intrinsics_skipped"]

@@ -238,23 +238,30 @@ def _progress_callback(state: dict):
 def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path, state: dict):
     """Our kernels get our rule as their whole design space (ScheduleFn: only our primitives, no
     generic rules on top); the rest get TVM's generic space. Same order as `group`."""
-    from ._tvm import ms
+    from ._tvm import ms, preload_tensor_intrinsics, target_has_features, tensor_intrinsics_skipped
     from . import schedules
 
+    dot_products = any(target_has_features(f, target) for f in ("avx512vnni", "avxvnni", "dotprod"))
+    if cfg.space == "ours" and not dot_products:
+        intrinsics = tensor_intrinsics_skipped()       # nothing here tensorizes: skip minutes of import
+    else:
+        preload_tensor_intrinsics()
+        intrinsics = contextlib.nullcontext()
     ctxs, weights = [], []
-    for t in group:
-        space = "post-order-apply"
-        if cfg.space == "ours":
-            fn = schedules.space_fn(t.dispatched[0]["main"], target)
-            if fn is not None:
-                space = ms.space_generator.ScheduleFn(fn)
-        _quiet_tvm_console()           # each call configures MetaSchedule's logging again
-        c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [t], work_dir=str(work_dir), space=space, seed=cfg.seed,
-            strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
-                population_size=64, init_min_unmeasured=16, genetic_num_iters=2), state))
-        ctxs += list(c)
-        weights += list(w)
+    with intrinsics:
+        for t in group:
+            space = "post-order-apply"
+            if cfg.space == "ours":
+                fn = schedules.space_fn(t.dispatched[0]["main"], target)
+                if fn is not None:
+                    space = ms.space_generator.ScheduleFn(fn)
+            _quiet_tvm_console()           # each call configures MetaSchedule's logging again
+            c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [t], work_dir=str(work_dir), space=space, seed=cfg.seed,
+                strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
+                    population_size=64, init_min_unmeasured=16, genetic_num_iters=2), state))
+            ctxs += list(c)
+            weights += list(w)
     return ctxs, weights
 
 
