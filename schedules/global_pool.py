@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from mbn_codegen._tvm import Schedule, tirx
 
-from .common import OneSpaceRule, fuse_epilogue, lanes_for, largest_divisor, tile
+from .common import OneSpaceRule, cpu_epilogue, fuse_epilogue, lanes_for, largest_divisor, tile
 
 RULE = "mbn_global_pool"
 PARALLEL_MIN_READS = 1 << 16
@@ -87,8 +87,7 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     sch.vectorize(fv)
     sch.unroll(f1)
     sch.decompose_reduction(block, ry)
-    if out is not None:
-        sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, v])[-1])
+    cpu_epilogue(sch, out, v)
 
 
 def cuda_knobs(info: dict) -> dict:

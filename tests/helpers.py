@@ -75,3 +75,14 @@ def edit_manifest(d, fn) -> None:
     m = json.loads((d / MANIFEST).read_text())
     fn(m)
     (d / MANIFEST).write_text(json.dumps(m))
+
+
+def pypi_reachable() -> bool:
+    """Whether pip could download (bundle tests skip, with the reason, when it cannot)."""
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False

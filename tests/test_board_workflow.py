@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import check_correctness, distinct_inputs
+from helpers import check_correctness, distinct_inputs, pypi_reachable
 from mbn_codegen import rpc
 from mbn_codegen.bench import BenchConfig, run_bench
 from mbn_codegen.build import BuildConfig, build
@@ -61,14 +60,6 @@ def _records(db: Path) -> list[tuple[int, list[float]]]:
             wl, rec = json.loads(line)
             out.append((wl, [float(s) for s in (rec[1] or [1e10])]))
     return out
-
-
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 def _board_env(**extra) -> dict:
@@ -196,7 +187,7 @@ def test_tune_build_bench_bundle_install_on_an_emulated_board(tmp_path):
     try:
         bundle(art, python="3.11", out=archive, log=quiet)
     except BundleError as e:
-        if "pip download" in str(e) and not _pypi_reachable():
+        if "pip download" in str(e) and not pypi_reachable():
             pytest.skip(f"aarch64 wheels for Python 3.11 are not cached and PyPI is unreachable: {e}")
         raise
     lap("bundle")

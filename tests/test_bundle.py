@@ -29,6 +29,8 @@ import pytest
 from mbn_codegen.bundle import (COMPILE_MODULES, BundleError, CompilerNotInstalledError, build_wheel, bundle,
                                 compiler_missing)
 
+from helpers import pypi_reachable
+
 REPO = Path(__file__).resolve().parents[1]
 ALPHA, RES = 0.25, 32
 
@@ -37,14 +39,6 @@ def _pyenv_python(version: str) -> Path | None:
     root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
     found = sorted(root.glob(f"{version}.*/bin/python{version}"))
     return found[-1] if found else None
-
-
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 def _board_env(**extra) -> dict:
@@ -62,7 +56,7 @@ def _make_bundle(artifact: Path, python: str, arch_wheel: Path, out: Path) -> Pa
     try:
         return bundle(artifact, python=python, out=out, wheel=arch_wheel, log=lambda s: None)
     except BundleError as e:
-        if "pip download" in str(e) and not _pypi_reachable():
+        if "pip download" in str(e) and not pypi_reachable():
             pytest.skip(f"wheels for Python {python} are not cached and PyPI is unreachable: {e}")
         raise
 

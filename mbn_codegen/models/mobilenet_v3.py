@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .mobilenet_v1 import validate
-from .mobilenet_v2 import make_divisible
+from .mobilenet_v2 import init_like_torchvision, make_divisible
 
 # (input, kernel, expanded, output channels, squeeze-excite, activation, stride): the paper's
 # Tables 1 and 2, as torchvision configures them.
@@ -93,17 +93,7 @@ class MobileNetV3(nn.Module):
         last = ch(LAST_CHANNEL[variant])
         self.classifier = nn.Sequential(nn.Linear(6 * last_in, last), nn.Hardswish(inplace=True),
                                         nn.Dropout(0.2, inplace=True), nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
