@@ -165,9 +165,28 @@ def _measure_now(runner):
     return MeasureNow(runner)
 
 
-def _stoppable(strategy, state: dict):
-    """A search strategy that proposes no further batch once the time limit has passed: the task
-    scheduler then ends each task itself (terminating tasks from a callback trips its checks)."""
+def _default_candidate(context, target):
+    """Our rule's default schedule of the context's kernel as a measure candidate (postprocessed
+    like the sampled ones), or None. Random initial samples alone can miss it: a 48-trial tune of
+    a 1.0-224 v1 started 2-4x slower than the defaults on several kernels, and a database record
+    wins over the defaults in a build, so a tune could make a build slower."""
+    from ._tvm import Schedule, ms
+    from . import schedules
+
+    sch = Schedule(context.mod)
+    if not schedules.apply_default(sch, target):
+        return None
+    sch.enter_postproc()        # as the search does: replays from the database strip what follows
+    for p in context.space_generator.postprocs:
+        if not p.apply(sch):
+            return None
+    return ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
+
+
+def _stoppable(strategy, state: dict, seed_default=None):
+    """A search strategy that proposes no further batch once the time limit has passed (the task
+    scheduler then ends each task itself: terminating tasks from a callback trips its checks) and,
+    given a target in `seed_default`, puts our default schedule into the first batch of a run."""
     from ._tvm import derived_object, ms
 
     @derived_object
@@ -175,8 +194,11 @@ def _stoppable(strategy, state: dict):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+            self.context = None
+            self.seeded = seed_default is None
 
         def _initialize_with_tune_context(self, context):
+            self.context = context
             self.inner._initialize_with_tune_context(context)
 
         def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
@@ -188,13 +210,19 @@ def _stoppable(strategy, state: dict):
         def generate_measure_candidates(self):
             if _time_is_up(state):
                 return None
-            return self.inner.generate_measure_candidates()
+            cands = self.inner.generate_measure_candidates()
+            if not self.seeded and cands:
+                self.seeded = True
+                default = _default_candidate(self.context, seed_default)
+                if default is not None:
+                    cands = [default, *list(cands)[:-1]]
+            return cands
 
         def notify_runner_results(self, measure_candidates, results):
             self.inner.notify_runner_results(measure_candidates, results)
 
         def clone(self):
-            return Stoppable(self.inner.clone())
+            return _stoppable(self.inner.clone(), state, seed_default)
 
     return Stoppable(strategy)
 
@@ -250,16 +278,17 @@ def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path, state: dict):
     ctxs, weights = [], []
     with intrinsics:
         for t in group:
-            space = "post-order-apply"
+            space, ours = "post-order-apply", False
             if cfg.space == "ours":
                 fn = schedules.space_fn(t.dispatched[0]["main"], target)
                 if fn is not None:
-                    space = ms.space_generator.ScheduleFn(fn)
+                    space, ours = ms.space_generator.ScheduleFn(fn), True
             _quiet_tvm_console()           # each call configures MetaSchedule's logging again
             c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [t], work_dir=str(work_dir), space=space, seed=cfg.seed,
                 strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
-                    population_size=64, init_min_unmeasured=16, genetic_num_iters=2), state))
+                    population_size=64, init_min_unmeasured=16, genetic_num_iters=2), state,
+                    seed_default=target if ours else None))
             ctxs += list(c)
             weights += list(w)
     return ctxs, weights

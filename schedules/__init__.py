@@ -19,7 +19,7 @@ from .pointwise import Pointwise
 RULES: list[Rule] = [Depthwise(), Pointwise(), Dense(), GlobalPool()]
 
 __all__ = ["RULES", "Rule", "analyze", "conv_info", "simd", "match", "default_schedule",
-           "space_fn"]
+           "apply_default", "space_fn"]
 
 
 def _match(func) -> tuple[Rule | None, dict | None]:
@@ -38,6 +38,18 @@ def default_schedule(func, target) -> tuple[object, str] | None:
         return None
     sch, name = rule.default(func, info, target)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
+
+
+def apply_default(sch, target) -> bool:
+    """Our default knobs applied to `sch` (a Schedule of one kernel's module): the same trace as
+    the design space's with every decision fixed, so tuning can measure it as a candidate and
+    evolve from it. False when no rule matches."""
+    rule, info = _match(sch.mod["main"])
+    if rule is None:
+        return False
+    i, knobs = rule.default_knobs(info, target)
+    rule.spaces(info, target)[i][1](sch, sch.get_sblock(info["block"]), knobs)
+    return True
 
 
 def space_fn(func, target):

@@ -239,3 +239,26 @@ def test_skipping_tensor_intrinsics_leaves_no_trace():
         assert mod is sys.modules[name]
         assert before is not None or not hasattr(mod, "cuda")      # the empty stand-in, unless already real
     assert sys.modules.get(name) is before
+
+
+def test_tune_measures_our_default_schedule(tuned_db):
+    """Each task's first batch holds our default knobs, so the database's best is never a random
+    sample worse than the build would get without it."""
+    from mbn_codegen import schedules, targets
+    from mbn_codegen._tvm import Schedule, ms, tvm
+
+    def decisions(trace):
+        return [[int(x) for x in d] if isinstance(d, (list, tvm.ir.Array)) or hasattr(d, "__len__") else int(d)
+                for d in trace.decisions.values()]
+
+    db, rc, _ = tuned_db
+    database = ms.database.JSONDatabase(work_dir=str(db), allow_missing=False)
+    target = targets.load("x86_64").tvm_target()
+    by_workload: dict = {}
+    for rec in database.get_all_tuning_records():
+        by_workload.setdefault(rec.workload, []).append(rec)
+    assert len(by_workload) == len(ONLY)
+    for wl, recs in by_workload.items():
+        sch = Schedule(wl.mod)
+        assert schedules.apply_default(sch, target)
+        assert decisions(sch.trace) in [decisions(r.trace) for r in recs]
