@@ -122,6 +122,7 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
 class GlobalPool(OneSpaceRule):
     """Reductions; global average pooling over H, W in NHWC gets a vectorised register tile."""
     name = RULE
+    vector_axis = "c"
 
     def matches(self, info: dict) -> bool:
         return info["kind"] == "reduction"
