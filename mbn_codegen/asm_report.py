@@ -96,10 +96,19 @@ def hot_loop(insns: list[tuple[int, str]], arch: str) -> list[str]:
             if start is not None:
                 loops.append((start, i))
     inner = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
+
+    def weight(se):
+        body = insns[se[0]:se[1]]
+        return (sum(1 for _, t in body if _VFMA[arch].match(t)), sum(1 for _, t in body if _SCALAR[arch].match(t)))
+
     if not inner:
         return []
-    s, e = max(inner, key=lambda se: (sum(1 for _, t in insns[se[0]:se[1]] if _VFMA[arch].match(t)),
-                                      sum(1 for _, t in insns[se[0]:se[1]] if _SCALAR[arch].match(t))))
+    s, e = max(inner, key=weight)
+    if weight((s, e)) == (0, 0):
+        # a small kernel whose compute is unrolled straight-line code: the tightest loop around its
+        # FMAs (the parallel chunk loop), or the whole function if none encloses them
+        with_fp = [se for se in loops if weight(se) != (0, 0)]
+        s, e = min(with_fp, key=lambda se: se[1] - se[0]) if with_fp else (0, len(insns))
     return [t for _, t in insns[s:e] if t and not t.startswith(("nop", "data16", "cs nop"))]
 
 
