@@ -269,8 +269,11 @@ def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path, state: dict):
     from ._tvm import ms, preload_tensor_intrinsics, target_has_features, tensor_intrinsics_skipped
     from . import schedules
 
-    dot_products = any(target_has_features(f, target) for f in ("avx512vnni", "avxvnni", "dotprod"))
-    if cfg.space == "ours" and not dot_products:
+    # TVM's default rules for Arm (built by every tune context, even around our ScheduleFn) name
+    # NEON/dot-product intrinsics, and x86 ones VNNI's: only x86 without VNNI can skip the import
+    x86_plain = target.kind.name == "llvm" and target_has_features("sse2", target) and not any(
+        target_has_features(f, target) for f in ("avx512vnni", "avxvnni"))
+    if cfg.space == "ours" and x86_plain:
         intrinsics = tensor_intrinsics_skipped()       # nothing here tensorizes: skip minutes of import
     else:
         preload_tensor_intrinsics()
