@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .report import gflops, peak
+from .results import gflops, peak
 
 KIND_COLORS = {"depthwise": "#d62728", "pointwise": "#1f77b4", "conv": "#2ca02c", "dense": "#7f7f7f"}
 MARKERS = "osD^vPX"

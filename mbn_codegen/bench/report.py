@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from .board import BOARD_METHOD, EMULATED_NOTE
+from .results import gflops, peak
 
 
 def fmt_ms(x: float | None) -> str:
@@ -17,14 +18,6 @@ def fmt_ms(x: float | None) -> str:
 
 def fmt_x(r: float | None) -> str:
     return "–" if r is None else f"{r:.3g}×"
-
-
-def peak(doc: dict, t: int) -> dict | None:
-    return next((p for p in doc["peak"] if p["threads"] == t), None)
-
-
-def gflops(call: dict) -> float:
-    return 2 * call["mult_adds"] / call["median_ms"] / 1e6
 
 
 def pct_of_peak(gflops: float, p: dict | None) -> str:

@@ -98,3 +98,12 @@ def add_block(e: dict, r: int, samples: list[float]) -> None:
     e["rounds"].append(r)
     e["block_medians_ms"].append(float(np.median(samples)))
     e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
+
+
+def peak(doc: dict, t: int) -> dict | None:
+    """The machine's measured peak at `t` threads, if the bench measured one."""
+    return next((p for p in doc["peak"] if p["threads"] == t), None)
+
+
+def gflops(call: dict) -> float:
+    return 2 * call["mult_adds"] / call["median_ms"] / 1e6
