@@ -47,8 +47,7 @@ def apply_default(sch, target) -> bool:
     rule, info = _match(sch.mod["main"])
     if rule is None:
         return False
-    i, knobs = rule.default_knobs(info, target)
-    rule.spaces(info, target)[i][1](sch, sch.get_sblock(info["block"]), knobs)
+    rule.apply_default(sch, info, target)
     return True
 
 

@@ -27,6 +27,23 @@ def _conv(b, ext) -> dict | None:
     return {"kind": kind, "layout": layout.upper(), "block": b.name_hint, "macs": macs, **e}
 
 
+def global_pool_shape(b) -> tuple[int, int] | None:
+    """(pixels, channels) when block `b` sums a 4-D NHWC tensor over its two middle axes into
+    [n, 1, 1, C] with the channel innermost in both; None otherwise."""
+    ivs = list(b.iter_vars)
+    kinds = [iv.iter_type for iv in ivs]
+    if kinds != [tirx.IterVar.DataPar] * 4 + [tirx.IterVar.CommReduce] * 2 or len(b.reads) != 1:
+        return None
+    ext = _extents(ivs)
+    idx = [r.min for r in b.reads[0].region]
+    if ext is None or ext[1] != 1 or ext[2] != 1 or len(idx) != 4:
+        return None
+    want = [ivs[0].var, ivs[4].var, ivs[5].var, ivs[3].var]
+    if not all(i.same_as(w) for i, w in zip(idx, want)):
+        return None
+    return ext[4] * ext[5], ext[3]
+
+
 def _dense(b, ext) -> dict | None:
     """out[i, n] += x[i, k] * W[k, n]: three iter vars (spatial i, n; reduction k), the weight read
     indexed [k, n] (after the transpose of Gemm's W is folded at compile time)."""
@@ -57,5 +74,7 @@ def analyze(func) -> dict | None:
     if info is not None:
         return info
     if any(iv.iter_type == tirx.IterVar.CommReduce for iv in b.iter_vars):
-        return {"kind": "reduction", "block": b.name_hint}
+        shape = global_pool_shape(b)
+        pool = {"pixels": shape[0], "c": shape[1]} if shape else {}
+        return {"kind": "reduction", "block": b.name_hint, **pool}
     return None

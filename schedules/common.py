@@ -77,11 +77,15 @@ class Rule(dlight.ScheduleRule):
 
     def default(self, func, info: dict, target) -> tuple:
         """`func` at our default knobs, and the name of the design space they are a point of."""
+        sch = Schedule(func)
+        return sch, self.apply_default(sch, info, target)
+
+    def apply_default(self, sch, info: dict, target) -> str:
+        """Our default knobs applied to `sch`; returns the name of their design space."""
         i, knobs = self.default_knobs(info, target)
         name, fn = self.spaces(info, target)[i]
-        sch = Schedule(func)
         fn(sch, sch.get_sblock(info["block"]), knobs)
-        return sch, name
+        return name
 
     def design_space(self, sch, target) -> list:
         info = self.analyze(sch.mod["main"])
@@ -97,7 +101,7 @@ class Rule(dlight.ScheduleRule):
 class OneSpaceRule(Rule):
     """A rule with one design space per device, from the subclass's staticmethods
     schedule_cpu(sch, block, lanes, knobs), schedule_cuda(sch, block, knobs), cpu_knobs(info,
-    lanes) and cuda_knobs(info)."""
+    lanes, registers) and cuda_knobs(info)."""
 
     def spaces(self, info: dict, target) -> list:
         if is_cuda(target):
@@ -107,7 +111,7 @@ class OneSpaceRule(Rule):
                  lambda sch, b, k: self.schedule_cpu(sch, b, lanes, k))]
 
     def default_knobs(self, info: dict, target) -> tuple[int, dict]:
-        return 0, self.cuda_knobs(info) if is_cuda(target) else self.cpu_knobs(info, simd(target)[0])
+        return 0, self.cuda_knobs(info) if is_cuda(target) else self.cpu_knobs(info, *simd(target))
 
 
 def is_cuda(target) -> bool:

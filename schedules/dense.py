@@ -13,7 +13,7 @@ from .common import (OneSpaceRule, cpu_epilogue, cuda_accumulate, cuda_prologue,
 RULE = "mbn_dense"
 
 
-def cpu_knobs(info: dict, lanes: int) -> dict:
+def cpu_knobs(info: dict, lanes: int, _registers: int) -> dict:
     v = lanes_for(info["n"], lanes)
     vecs = info["n"] // v
     n_in = largest_divisor(vecs, 4)

@@ -31,8 +31,8 @@ LLVM emits branches between the tile's loads.
 """
 from __future__ import annotations
 
-from .common import (OneSpaceRule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, is_cuda,
-                     lanes_for, largest_divisor, simd, tile)
+from .common import (OneSpaceRule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, lanes_for,
+                     largest_divisor, tile)
 
 RULE = "mbn_depthwise"
 
@@ -60,7 +60,7 @@ def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int) -> tu
     return best
 
 
-def cpu_knobs(info: dict, lanes: int, registers: int = 16) -> dict:
+def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     f_vecs = info["f"] // v
     y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v)
@@ -116,7 +116,5 @@ class Depthwise(OneSpaceRule):
 
     schedule_cpu = staticmethod(schedule_cpu)
     schedule_cuda = staticmethod(schedule_cuda)
+    cpu_knobs = staticmethod(cpu_knobs)
     cuda_knobs = staticmethod(cuda_knobs)
-
-    def default_knobs(self, info: dict, target) -> tuple[int, dict]:
-        return 0, self.cuda_knobs(info) if is_cuda(target) else cpu_knobs(info, *simd(target))

@@ -14,8 +14,9 @@ threads (CUDA).
 """
 from __future__ import annotations
 
-from mbn_codegen._tvm import Schedule, tirx
+from mbn_codegen._tvm import tirx
 
+from .analysis import global_pool_shape
 from .common import OneSpaceRule, cpu_epilogue, fuse_epilogue, lanes_for, largest_divisor, tile
 
 RULE = "mbn_global_pool"
@@ -23,24 +24,8 @@ PARALLEL_MIN_READS = 1 << 16
 
 
 def pool_shape(sch, block) -> tuple[int, int] | None:
-    """(pixels, channels) when `block` sums a 4-D NHWC tensor over its two middle axes into
-    [n, 1, 1, C] with the channel innermost in both; None otherwise."""
-    b = sch.get(block)
-    ivs = list(b.iter_vars)
-    kinds = [iv.iter_type for iv in ivs]
-    if kinds != [tirx.IterVar.DataPar] * 4 + [tirx.IterVar.CommReduce] * 2 or len(b.reads) != 1:
-        return None
-    ext = [iv.dom.extent for iv in ivs]
-    if not all(isinstance(e, tirx.IntImm) for e in ext):
-        return None
-    ext = [int(e) for e in ext]
-    idx = [r.min for r in b.reads[0].region]
-    if ext[1] != 1 or ext[2] != 1 or len(idx) != 4:
-        return None
-    want = [ivs[0].var, ivs[4].var, ivs[5].var, ivs[3].var]
-    if not all(i.same_as(w) for i, w in zip(idx, want)):
-        return None
-    return ext[4] * ext[5], ext[3]
+    """(pixels, channels) of a global pool (see analysis.global_pool_shape); None otherwise."""
+    return global_pool_shape(sch.get(block))
 
 
 def _spatial_loops(sch, block) -> tuple[list, list]:
@@ -50,7 +35,7 @@ def _spatial_loops(sch, block) -> tuple[list, list]:
     return loops[:n_spatial], loops[n_spatial:]
 
 
-def cpu_knobs(info: dict, lanes: int) -> dict:
+def cpu_knobs(info: dict, lanes: int, _registers: int) -> dict:
     c = info.get("c")
     if c is None:
         return {}
@@ -126,13 +111,6 @@ class GlobalPool(OneSpaceRule):
 
     def matches(self, info: dict) -> bool:
         return info["kind"] == "reduction"
-
-    def default(self, func, info: dict, target) -> tuple:
-        sch = Schedule(func)
-        shape = pool_shape(sch, sch.get_sblock(info["block"]))
-        if shape is not None:
-            info = {**info, "pixels": shape[0], "c": shape[1]}
-        return super().default(func, info, target)
 
     schedule_cpu = staticmethod(schedule_cpu)
     schedule_cuda = staticmethod(schedule_cuda)
