@@ -13,6 +13,8 @@ the worst of alpha 0.3: 1.8x that layer's work on 8x wider vectors).
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ._tvm import Constant, IRModule, relax, tvm
@@ -73,16 +75,13 @@ class _Padder:
         return e
 
     def emit(self, value, real: int | None, is_output: bool):
-        if is_output:                  # the function's results keep their real channels
-            if real is not None:
-                var = self.bb.emit(value)
-                self.real[var] = real
-                value = self.unpadded(var)
-            return self.bb.emit_output(value), None
+        if is_output and real is None:
+            return self.bb.emit_output(value)
         var = self.bb.emit(value)
         if real is not None:
             self.real[var] = real
-        return var, real
+        # the function's results keep their real channels
+        return self.bb.emit_output(self.unpadded(var)) if is_output else var
 
     def rewrite(self, call: relax.Call):
         """(new value, real channel count if the result is padded, else None)."""
@@ -160,20 +159,12 @@ def _pad_function(name: str, func: relax.Function, multiple: int) -> relax.Funct
     with bb.function(name, list(func.params), attrs=attrs, pure=func.is_pure):
         p = _Padder(bb, multiple)
         for block in func.body.blocks:
-            frame = bb.dataflow() if isinstance(block, relax.DataflowBlock) else None
-            if frame is not None:
-                frame.__enter__()
-            for b in block.bindings:
-                is_output = isinstance(block, relax.DataflowBlock) and not isinstance(b.var, relax.DataflowVar)
-                v = b.value
-                if isinstance(v, relax.Call):
-                    value, real = p.rewrite(v)
-                else:
-                    value, real = p.unpadded(v), None
-                var, _ = p.emit(value, real, is_output)
-                p.env[b.var] = var
-            if frame is not None:
-                frame.__exit__(None, None, None)
+            dataflow = isinstance(block, relax.DataflowBlock)
+            with bb.dataflow() if dataflow else contextlib.nullcontext():
+                for b in block.bindings:
+                    v = b.value
+                    value, real = p.rewrite(v) if isinstance(v, relax.Call) else (p.unpadded(v), None)
+                    p.env[b.var] = p.emit(value, real, dataflow and not isinstance(b.var, relax.DataflowVar))
         bb.emit_func_output(p.unpadded(func.body.body))
     return bb.get()[name]
 

@@ -227,12 +227,12 @@ def _merge_branching_epilogues(mod: IRModule) -> IRModule:
         root = sch.get_sblock("root")
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         anchor = sch.get_sblock(info["block"])
-        epilogue, frontier = [], [anchor]
+        epilogue, seen, frontier = [], set(outputs), [anchor]
         while frontier:
-            b = frontier.pop()
-            for c in sch.get_consumers(b):
+            for c in sch.get_consumers(frontier.pop()):
                 name = sch.get(c).name_hint
-                if name not in outputs and name not in {sch.get(e).name_hint for e in epilogue}:
+                if name not in seen:
+                    seen.add(name)
                     epilogue.append(c)
                     frontier.append(c)
         branching = any(len(sch.get_consumers(b)) > 1 for b in epilogue) or len(sch.get_consumers(anchor)) > 1
