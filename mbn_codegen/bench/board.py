@@ -1,8 +1,6 @@
-"""A bench on a board over TVM's RPC tracker: each TVM variant's library is uploaded and timed
-there end to end with the remote VM's time_evaluator, interleaved (blocks per variant, random order
-per round). No per-kernel timing: the VM's instrument hook cannot take a callback over RPC, and
-neither the executable's time_evaluator nor the VM reaches kernel symbols. Peers run on the board
-through board_peers, whose JSON is merged."""
+"""A bench on a board over TVM's RPC tracker: each TVM variant's library is uploaded and timed there
+end to end with the remote VM's time_evaluator, interleaved. No per-kernel timing: the VM's instrument
+hook takes no callback over RPC. Peers run on the board through board_peers, whose JSON is merged."""
 from __future__ import annotations
 
 import json
@@ -14,7 +12,6 @@ from ..errors import MbnError
 PEERS = {"onnxruntime": "ONNX Runtime (on the board)", "litert": "LiteRT / XNNPACK (on the board)"}
 EMULATED_NOTE = ("Timings come from qemu-aarch64 emulating the board on an x86 host: they say nothing about any "
                  "board's speed, and this report draws no comparison from them (plumbing check only).")
-
 BOARD_METHOD = ("<h2>Method</h2><p>On the board, through TVM's RPC tracker: each TVM variant's library uploaded "
                 "into one RPC session, output checked against ONNX Runtime's (run on the host); per thread count "
                 "(runtime.config_threadpool), warm-up, then interleaved rounds in random order, each block one "
@@ -43,29 +40,31 @@ def connect(cfg, spec) -> tuple:
     return (remote, *identity(remote))
 
 
+CPU = "/sys/devices/system/cpu"
+# What a stock tvm.exec.rpc_server lets us read without our board_info global: files with a size (no /proc).
+SYSFS = {"online": f"{CPU}/online", "governor": f"{CPU}/cpu0/cpufreq/scaling_governor",
+         "model": "/proc/device-tree/model", "max_khz": f"{CPU}/cpu0/cpufreq/cpuinfo_max_freq",
+         "midr": f"{CPU}/cpu0/regs/identification/midr_el1"}
+
+
+def _download(remote, path: str) -> str | None:
+    try:
+        return bytes(remote.download(path)).rstrip(b"\0").decode(errors="replace").strip()
+    except Exception:
+        return None
+
+
 def identity(remote) -> tuple[dict, dict]:
-    """(provenance machine, board facts) from the board: our server's board_info global (full
-    /proc/cpuinfo), else sysfs files through remote.download (a stock tvm.exec.rpc_server, whose
-    download cannot read /proc files: they have no size)."""
+    """(provenance machine, board facts) from our server's board_info global (full /proc/cpuinfo), else sysfs."""
     from .. import rpc
 
     try:
         info = json.loads(remote.get_function(rpc.BOARD_INFO)())
     except Exception:
-        def dl(path):
-            try:
-                return bytes(remote.download(path)).rstrip(b"\0").decode(errors="replace").strip()
-            except Exception:
-                return None
-        cpu = "/sys/devices/system/cpu"
-        online = dl(f"{cpu}/online") or ""
-        cores = sum(int(b) - int(a) + 1 for a, _, b in (r.partition("-") if "-" in r else (r, "", r)
-                                                      for r in online.split(",") if r))
-        info = {"cpuinfo": None, "online": online, "cores": cores or None, "usable_cores": cores or None,
-                "governor": dl(f"{cpu}/cpu0/cpufreq/scaling_governor"), "model": dl("/proc/device-tree/model"),
-                "max_khz": dl(f"{cpu}/cpu0/cpufreq/cpuinfo_max_freq"),
-                "midr": dl(f"{cpu}/cpu0/regs/identification/midr_el1"),
-                "machine": None, "emulated": None, "source": "remote.download of sysfs (stock rpc_server)"}
+        info = {k: _download(remote, path) for k, path in SYSFS.items()}
+        ranges = [r.split("-") for r in (info["online"] or "").split(",") if r]
+        info.update(source="remote.download of sysfs (stock rpc_server)",
+                    cores=sum(int(r[-1]) - int(r[0]) + 1 for r in ranges) or None)
     c = {}
     for k, _, v in (line.partition(":") for line in (info.get("cpuinfo") or "").splitlines() if ":" in line):
         c.setdefault(k.strip(), v.strip())
@@ -77,7 +76,7 @@ def identity(remote) -> tuple[dict, dict]:
     features = (c.get("Features") or c.get("flags") or "").split()
     mem = re.search(r"MemTotal:\s+(\d+) kB", info.get("meminfo") or "")
     machine = {"cpu_model": model + (" [EMULATED: qemu-aarch64]" if emulated else ""),
-               "arch": info.get("machine") or "aarch64", "usable_cores": info.get("usable_cores") or 1,
+               "arch": info.get("machine") or "aarch64", "usable_cores": info.get("usable_cores") or info["cores"] or 1,
                "mhz": int(info["max_khz"]) / 1e3 if (info.get("max_khz") or "").isdigit() else None,
                "simd_flags": sorted(f for f in features if f.startswith(("asimd", "sve", "fp", "neon"))),
                "memory_bytes": int(mem.group(1)) * 1024 if mem else None, "os": None, "load_average_start": None}
@@ -140,18 +139,16 @@ def measure(run) -> None:
             vm.time_evaluator("main", dev, number=1, repeat=max(1, cfg.warmup))(xt)
             f = vm.time_evaluator("main", dev, number=1, repeat=cfg.reps)
             timers[n] = lambda f=f: [s * 1e3 for s in f(xt).results]
-        run.interleave(t, timers, cfg.rounds, run.doc["e2e"], say)
+        run.interleave(t, timers)
     result = peers(cfg, run.model, run.doc["provenance"]["board"], run.threads, say)
     for v in (v for v in run.vs if v.kind == "peer"):
         p = result.get("peers", {}).get(v.name, {"status": "unavailable", "note": "not in the board_peers JSON"})
-        if p["status"] != "ok":
-            v.status, v.note = "unavailable", p["note"]
-            continue
-        for s in p["series"]:
-            e = new_series(v.name, s["threads"])
-            for r, block in enumerate(s["blocks_ms"]):
-                add_block(e, r, block)
-            run.doc["e2e"].append(e)
-            v.checks.append({"threads": s["threads"], **(s["check"] or {"ok": True})})
-        v.note = "measured by board_peers on the board, not interleaved with TVM's variants"
+        if v.unless(p["status"] != "ok" and p["note"]).ok:
+            for s in p["series"]:
+                e = new_series(v.name, s["threads"])
+                for r, block in enumerate(s["blocks_ms"]):
+                    add_block(e, r, block)
+                run.doc["e2e"].append(e)
+                v.checks.append({"threads": s["threads"], **(s["check"] or {"ok": True})})
+            v.note = "measured by board_peers on the board, not interleaved with TVM's variants"
     say("per layer and machine peak: not measured on boards (end to end only)")

@@ -7,12 +7,13 @@ import re
 import timeit
 
 ACCUMULATORS = 12      # independent chains >= FMA latency (4-5) x FMA units (2) on Zen 3 / Skylake
+FMA = re.compile(r"^(vfmadd\w+|fmla)\s")
 
 
 def _kernels(lanes: int, threads: int, n_triad: int):
     from tvm.script import tirx as T        # after mbn_codegen._tvm's version check (measure_peak)
 
-    acc = ACCUMULATORS
+    acc, blk = ACCUMULATORS, n_triad // threads
 
     @T.prim_func
     def fma(out: T.Buffer((threads, acc, lanes), "float32"), n: T.int32, a: T.float32, b: T.float32):
@@ -30,8 +31,6 @@ def _kernels(lanes: int, threads: int, n_triad: int):
                 for v in T.vectorized(lanes):
                     out[t, j, v] = r[j, v]
 
-    blk = n_triad // threads
-
     @T.prim_func
     def triad(x: T.Buffer((n_triad,), "float32"), y: T.Buffer((n_triad,), "float32"),
               z: T.Buffer((n_triad,), "float32"), s: T.float32):
@@ -46,23 +45,19 @@ def _kernels(lanes: int, threads: int, n_triad: int):
 def hot_loop_check(asm: str) -> dict:
     """The basic block with the most FMAs must be FMAs on vector registers plus loop control: an
     FMA with a memory operand, or a spill, would make the loop measure the load ports instead."""
-    blocks, cur = [], []
-    for line in asm.splitlines():
-        s = line.strip()
+    blocks = [[]]
+    for s in (line.strip() for line in asm.splitlines()):
         if re.match(r"^\.?[\w$.]+:", s):
-            blocks.append(cur)
-            cur = []
+            blocks.append([])
         elif s and not s.startswith((".", "#", "//", ";")):
-            cur.append(s)
-    blocks.append(cur)
-    is_fma = re.compile(r"^(vfmadd\w+|fmla)\s")
-    hot = max(blocks, key=lambda b: sum(bool(is_fma.match(i)) for i in b))
-    fmas = [i for i in hot if is_fma.match(i)]
-    regs = sorted({r for i in fmas for r in re.findall(r"[xyz]mm\d+|v\d+", i)})
-    others = [i for i in hot if not is_fma.match(i)]
+            blocks[-1].append(s)
+    hot = max(blocks, key=lambda b: sum(bool(FMA.match(i)) for i in b))
+    fmas, others = [i for i in hot if FMA.match(i)], [i for i in hot if not FMA.match(i)]
     ok = (len(fmas) >= ACCUMULATORS and not any("(" in i or "[" in i for i in fmas)
           and all(re.match(r"^(add|sub|dec|inc|cmp|test|j|b\.|cbnz)", i) for i in others))
-    return {"ok": ok, "fmas_in_loop": len(fmas), "registers": regs, "other_instructions": others}
+    return {"ok": ok, "fmas_in_loop": len(fmas), "registers": sorted({r for i in fmas
+                                                                      for r in re.findall(r"[xyz]mm\d+|v\d+", i)}),
+            "other_instructions": others}
 
 
 def measure_peak(spec, threads: int, quick: bool = False) -> dict:
@@ -73,9 +68,8 @@ def measure_peak(spec, threads: int, quick: bool = False) -> dict:
 
     lanes, runs = simd(spec.tvm_target())[0], 10 if quick else 40       # lanes: what our schedules vectorise with
     n_triad = (4 if quick else 16) * (1 << 20) // (threads * lanes) * threads * lanes
-    fma, triad = _kernels(lanes, threads, n_triad)
-    lib = tir_build(tvm.IRModule({"fma": fma, "triad": triad}), target=spec.tvm_target())
-    check = hot_loop_check(lib.inspect_source("asm"))
+    lib = tir_build(tvm.IRModule(dict(zip(("fma", "triad"), _kernels(lanes, threads, n_triad)))),
+                    target=spec.tvm_target())
     out = tvm.runtime.tensor(np.zeros((threads, ACCUMULATORS, lanes), "float32"))
     iters = 100_000_000 // lanes             # ~25 ms a run: many short runs find a slice nobody shares
     lib["fma"](out, iters // 10, 0.9999, 1e-4)
@@ -83,11 +77,10 @@ def measure_peak(spec, threads: int, quick: bool = False) -> dict:
     gflops = 2 * ACCUMULATORS * lanes * iters * threads / best / 1e9
     x, y, z = (tvm.runtime.tensor(np.full(n_triad, 1.0, "float32")) for _ in range(3))
     lib["triad"](x, y, z, 3.0)
-    best_t = min(timeit.repeat(lambda: lib["triad"](x, y, z, 3.0), number=1, repeat=5 if quick else 10))
-    gbs = 3 * 4 * n_triad / best_t / 1e9
+    best_triad = min(timeit.repeat(lambda: lib["triad"](x, y, z, 3.0), number=1, repeat=max(5, runs // 4)))
+    gbs = 3 * 4 * n_triad / best_triad / 1e9
     return {"threads": threads, "fma_gflops": gflops, "triad_gbs": gbs, "ridge_flop_per_byte": gflops / gbs,
-            "lanes": lanes, "accumulators": ACCUMULATORS, "asm_check": check,
+            "lanes": lanes, "accumulators": ACCUMULATORS, "asm_check": hot_loop_check(lib.inspect_source("asm")),
             "method": f"TVM-built FMA loop on {spec.name}: {ACCUMULATORS} accumulators x {lanes} fp32 lanes, "
                       f"{iters} iterations per thread, {threads} thread(s), best of {runs} runs; triad x = y + s*z "
                       f"on 3 x {4 * n_triad >> 20} MB, 12 bytes per element"}
-

@@ -1,19 +1,30 @@
-"""results.json -> report.html, self-contained (plots embedded as base64 PNG); `mbn-codegen bench
---report-only DIR` regenerates it. Also `--compare`: two reports side by side, as compare.md."""
+"""results.json -> report.html, self-contained: tables and matplotlib plots (no pyplot: no backend, no
+global state) embedded as base64 PNG. Also `--compare`: two reports side by side, as compare.md."""
 from __future__ import annotations
 
 import base64
 import html
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from .board import BOARD_METHOD, EMULATED_NOTE
-from .results import gflops, peak
+
+KIND_COLORS = {"depthwise": "#d62728", "pointwise": "#1f77b4", "conv": "#2ca02c", "dense": "#7f7f7f"}
+MARKERS = "osD^vPX"
+METHOD = ("<h2>Method</h2><p>End to end: each variant in its own worker process per thread count, same seeded "
+          "input, output checked against ONNX Runtime; warm-up, then interleaved rounds of blocks in random order; "
+          "median, p10/p90 and a bootstrap 95% interval over all samples. Per layer: the VM's instrument hook "
+          "records each kernel call; each is timed alone (warm) with time_evaluator; calls map in order to "
+          "the ONNX graph's Conv/Gemm nodes, whose mult-adds come from their own shapes. % of peak divides by the "
+          "FMA loop; the roofline's memory roof is the triad (DRAM): kernels whose operands fit in the caches can sit "
+          "above it.</p>")
+CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0;"
+       "font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eef}img{max-width:100%}")
 
 
 def fmt_ms(x: float | None) -> str:
-    if x is None:
-        return "–"
-    return f"{x:.{0 if x >= 100 else 1 if x >= 10 else 2 if x >= 1 else 3}f}"
+    return "–" if x is None else f"{x:.{0 if x >= 100 else 1 if x >= 10 else 2 if x >= 1 else 3}f}"
 
 
 def fmt_x(r: float | None) -> str:
@@ -26,12 +37,16 @@ def pct_of_peak(gflops: float, p: dict | None) -> str:
     return "–" if frac is None else "above peak: peak wrong" if frac > 1 else f"{100 * frac:.1f}%"
 
 
+def peak(doc: dict, t: int) -> dict | None:
+    return next((p for p in doc["peak"] if p["threads"] == t), None)
+
+
+def gflops(call: dict) -> float:
+    return 2 * call["mult_adds"] / call["median_ms"] / 1e6
+
+
 def emulated(doc: dict) -> bool:
     return bool((doc["provenance"].get("board") or {}).get("emulated"))
-
-
-def e2e_medians(doc: dict, t: int) -> dict[str, float]:
-    return {e["variant"]: e["stats"]["median"] for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
 
 
 def summarize(doc: dict) -> dict:
@@ -40,7 +55,8 @@ def summarize(doc: dict) -> dict:
     rows, compare = [], not emulated(doc)
     kind = {v["name"]: v["kind"] for v in doc["variants"]}
     for t in doc["config"]["threads"]:
-        e2e, med = {e["variant"]: e for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}, e2e_medians(doc, t)
+        e2e = {e["variant"]: e for e in doc["e2e"] if e["threads"] == t and e["stats"]["n"]}
+        med = {n: e["stats"]["median"] for n, e in e2e.items()}
         chk = {v["name"]: next((c for c in v["checks"] if c["threads"] == t), {}) for v in doc["variants"]}
         peers = {n: m for n, m in med.items() if kind[n] == "peer" and chk[n].get("ok")}
         fp = min(peers, key=peers.get) if peers else None
@@ -65,32 +81,23 @@ def closing_line(doc: dict) -> str:
 
 def _table(head: list[str], rows: list[list]) -> str:
     """Cells that start with '<' are HTML already."""
-    def cell(tag, c):
-        return f"<{tag}>{c if str(c).startswith('<') else html.escape(str(c))}</{tag}>"
-    return ("<table><tr>" + "".join(cell("th", h) for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in rows) + "</table>")
-
-
-def _img(out: Path, name: str | None, caption: str) -> str:
-    if not name:
-        return ""
-    data = base64.b64encode((out / name).read_bytes()).decode()
-    return (f"<figure><img src='data:image/png;base64,{data}' alt='{caption}'>"
-            f"<figcaption>{caption}</figcaption></figure>")
+    def tr(tag, cells):
+        return "<tr>" + "".join(f"<{tag}>{c if str(c).startswith('<') else html.escape(str(c))}</{tag}>"
+                                for c in cells) + "</tr>"
+    return "<table>" + tr("th", head) + "".join(tr("td", r) for r in rows) + "</table>"
 
 
 def _headline(doc: dict, t: int) -> str:
     rows = [r for r in doc["summary"]["headline"] if r["threads"] == t]
     measured = sorted((r for r in rows if "median_ms" in r), key=lambda r: 0 if emulated(doc) else r["median_ms"])
-    fp = next((r["fastest_peer"] for r in rows if r.get("fastest_peer")), None)
+    fp = next((r["fastest_peer"] for r in measured if r["fastest_peer"]), None)
     body = [[r["label"], fmt_ms(r["median_ms"]), f"{fmt_ms(r['p10_ms'])} – {fmt_ms(r['p90_ms'])}",
              f"{fmt_ms(r['ci95_ms'][0])} – {fmt_ms(r['ci95_ms'][1])}",
              "–" if r["noise"] is None else f"{100 * r['noise']:.1f}%", fmt_x(r["vs_stock"]),
              fmt_x(r["vs_fastest_peer"]), r["n"], {True: "✓", False: "✗ differs"}.get(r["check_ok"], "–")]
-            for r in measured]
-    body += [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"]
-             for r in rows if "median_ms" not in r]
-    noise = [r["noise"] for r in rows if r.get("noise") is not None]
+            for r in measured] + [[r["label"], "–", "", "", "", "", "", 0, f"{r['status']}: {r['note']}"]
+                                  for r in rows if "median_ms" not in r]
+    noise = [r["noise"] for r in measured if r["noise"] is not None]
     return (f"<h3>{t} thread(s)</h3>" + _table(["variant", "median ms", "p10 – p90", "95% CI of median", "noise",
                                                  "vs stock", f"vs fastest peer ({fp or '–'})", "samples",
                                                  "output check"], body)
@@ -103,46 +110,23 @@ def _layers(doc: dict, t: int) -> str:
     if mapped:
         ref = min(mapped, key=lambda e: e["consistency"]["e2e_ms"])
         by = {e["variant"]: {c["layer"]: c for c in e["calls"] if c["layer"]} for e in mapped}
-        body = []
-        for L in doc["model"]["layers"]:
-            rc = by[ref["variant"]][L["name"]]
-            body.append([L["name"], L["kind"], L["shape"], f"{L['mult_adds'] / 1e6:.3g}",
-                         *[fmt_ms(by[n][L["name"]]["median_ms"]) for n in by],
-                         f"{gflops(rc):.1f}", pct_of_peak(gflops(rc), peak(doc, t)), rc.get("source") or "–"])
-        med = e2e_medians(doc, t)
-        for label, f in (("other kernels (reshape, pool, layout)",
-                          lambda e: sum(c["median_ms"] for c in e["calls"] if not c["layer"])),
-                         ("sum of kernels", lambda e: e["consistency"]["kernel_sum_ms"]),
-                         ("end to end, same process", lambda e: e["consistency"]["e2e_ms"]),
-                         ("overhead: end to end − sum of kernels", lambda e: e["consistency"]["unattributed_ms"]),
-                         ("end to end, interleaved run", lambda e: med.get(e["variant"]))):
-            body.append([f"<b>{label}</b>", "", "", "", *[fmt_ms(f(e)) for e in mapped], "", "", ""])
-        out += _table(["layer", "type", "shape", "MMACs", *[f"{n} ms" for n in by],
-                       f"{ref['variant']} GFLOP/s", "% of FMA peak", "schedule"], body)
+        out += _table(["layer", "type", "shape", "MMACs", *[f"{n} ms" for n in by], f"{ref['variant']} GFLOP/s",
+                       "% of FMA peak", "schedule"],
+                      [[L["name"], L["kind"], L["shape"], f"{L['mult_adds'] / 1e6:.3g}",
+                        *[fmt_ms(by[n][L["name"]]["median_ms"]) for n in by], f"{gflops(rc):.1f}",
+                        pct_of_peak(gflops(rc), peak(doc, t)), rc.get("source") or "–"]
+                       for L in doc["model"]["layers"] for rc in [by[ref["variant"]][L["name"]]]])
     for e in (e for e in entries if e["mapping_problem"]):
-        out += (f"<p>{e['variant']}: kernel calls not mapped to the ONNX layers "
-                f"({html.escape(e['mapping_problem'])}).</p>"
-                + _table(["#", "symbol", "kind", "ms"],
-                         [[c["index"], c["symbol"], c["kind"], fmt_ms(c["median_ms"])] for c in e["calls"]]))
-    c0 = entries[0]["consistency"]
-    out += (f"<p>Consistency: warm sum × (1 − {c0['tolerance']:.2f}) ≤ end to end ≤ (cold sum + "
-            f"{c0['per_call_allowance_us']:g} µs × VM instructions) × (1 + {c0['tolerance']:.2f}).</p>")
-    keys = ("kernel_sum_ms", "cold_kernel_sum_ms", "e2e_ms", "unattributed_ms")
-    rows = [[e["variant"], *[fmt_ms(c[k]) for k in keys],
-             f"{fmt_ms(c['lower_ms'])} – {fmt_ms(c['upper_ms'])}", "ok" if c["ok"] else "<b>outside</b>"]
-            for e in entries for c in [e["consistency"]]]
-    return out + _table(["variant", "warm sum ms", "cold sum ms", "end to end ms", "overhead ms", "allowed range ms",
-                         "check"], rows)
-
-
-def _warnings(doc: dict) -> list[str]:
-    out = [f"<p>⚠ {x['variant']} {c['layer']} at {x['threads']} thread(s) runs above the measured FMA peak: the "
-           "peak measurement is wrong, no % of peak is printed for it.</p>"
-           for x in doc["layers"] for c in x["calls"]
-           if c["mult_adds"] and pct_of_peak(gflops(c), peak(doc, x["threads"])).startswith("above")]
-    return out + [f"<p>⚠ The FMA loop at {q['threads']} thread(s) is not register-resident "
-                  f"({html.escape(str(q['asm_check']))}): its peak is too low.</p>"
-                  for q in doc["peak"] if not q["asm_check"]["ok"]]
+        out += (f"<p>{e['variant']}: kernel calls not mapped to the ONNX layers ({html.escape(e['mapping_problem'])})"
+                ".</p>" + _table(["#", "symbol", "kind", "ms"], [[c["index"], c["symbol"], c["kind"],
+                                                                  fmt_ms(c["median_ms"])] for c in e["calls"]]))
+    med = {r["variant"]: r.get("median_ms") for r in doc["summary"]["headline"] if r["threads"] == t}
+    return out + _table(["variant", "other kernels (reshape, pool, layout) ms", "sum of kernels ms",
+                         "end to end, same process ms", "overhead: end to end − sum of kernels ms",
+                         "end to end, interleaved run ms"],
+                        [[e["variant"], fmt_ms(sum(c["median_ms"] for c in e["calls"] if not c["layer"])),
+                          *[fmt_ms(e["consistency"][k]) for k in ("kernel_sum_ms", "e2e_ms", "unattributed_ms")],
+                          fmt_ms(med.get(e["variant"]))] for e in entries])
 
 
 def _machine(doc: dict) -> list[str]:
@@ -150,77 +134,67 @@ def _machine(doc: dict) -> list[str]:
     m = p["machine"]
     peaks = [[q["threads"], f"{q['fma_gflops']:.1f}", f"{q['triad_gbs']:.1f}", f"{q['ridge_flop_per_byte']:.1f}",
               f"{q['asm_check']['fmas_in_loop']} FMAs on {', '.join(q['asm_check']['registers'][:3])}…, "
-              + ("no memory operands" if q["asm_check"]["ok"] else "NOT register-resident"), q["method"]]
-             for q in doc["peak"]]
+              + ("no memory operands" if q["asm_check"]["ok"] else "<b>NOT register-resident: peak too low</b>"),
+              q["method"]] for q in doc["peak"]]
     fences = "; ".join(f"{t} thread(s): median {f['median_wait_ms']:.0f} ms, max {f['max_wait_ms']:.0f} ms, "
                        f"{f['timeouts']} timeouts of {f['blocks']} blocks" for t, f in iso.get("fence", {}).items())
     spin = ", ".join(f"{k}={v}" for k, v in iso.get("spin_settings", {}).items())
+    prov = {"CPU": f"{m['cpu_model']} ({m['arch']}), {m['usable_cores']} usable cores, {m['mhz'] or '–'} MHz",
+            "SIMD flags": " ".join(m["simd_flags"]), "memory": f"{(m['memory_bytes'] or 0) / 2**30:.1f} GiB",
+            "load average": f"start {m['load_average_start']}, end {p['load_average_end']}",
+            "versions": ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v),
+            "target": f"{p['target']['name']}: {p['target'].get('tvm_target')}", "git": p["git"] or "–",
+            "board": ", ".join(f"{k} {v}" for k, v in (p.get("board") or {}).items() if k != "features"),
+            "command": p["command"], "duration": f"{p['seconds']} s"}
     return ["<h2>Machine peak and isolation</h2>",
             _table(["threads", "FMA loop GFLOP/s", "triad GB/s", "ridge FLOP/byte", "hot loop", "method"], peaks),
             f"<p>Spin settings of every worker: {html.escape(spin)}. Variant order: {iso.get('order', '–')}. Before "
             f"each block a fence waits until all workers' CPU time stops growing (idle pools blocked, not spinning): "
-            f"{html.escape(fences)}.</p>", "<h2>Provenance</h2>", _table(["", ""], [
-                ["CPU", f"{m['cpu_model']} ({m['arch']}), {m['usable_cores']} usable cores, {m['mhz'] or '–'} MHz"],
-                ["SIMD flags", " ".join(m["simd_flags"])], ["memory", f"{m['memory_bytes'] / 2**30:.1f} GiB"],
-                ["load average", f"start {m['load_average_start']}, end {p.get('load_average_end')}"],
-                ["versions", ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)],
-                ["target", f"{p['target']['name']}: {p['target'].get('tvm_target')}"], ["git", p["git"] or "–"],
-                *([["board", ", ".join(f"{k} {v}" for k, v in p["board"].items() if k != "features")]]
-                  if p.get("board") else []),
-                ["command", p["command"]], ["duration", f"{p.get('seconds', '–')} s"]])]
+            f"{html.escape(fences)}.</p>", "<h2>Provenance</h2>",
+            _table(["", ""], [[k, v] for k, v in prov.items() if v])]
 
 
-METHOD = ("<h2>Method</h2><p>End to end: each variant in its own worker process per thread count, same seeded "
-          "input, output checked against ONNX Runtime; warm-up, then interleaved rounds of blocks in random order; "
-          "median, p10/p90 and a bootstrap 95% interval over all samples. Per layer: the VM's instrument hook "
-          "records each kernel call; each is timed alone (warm and cold) with time_evaluator; calls map in order to "
-          "the ONNX graph's Conv/Gemm nodes, whose mult-adds come from their own shapes. % of peak divides by the "
-          "FMA loop; the roofline's memory roof is the triad (DRAM): kernels whose operands fit in the caches can sit "
-          "above it.</p>")
-CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0;"
-       "font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eef}img{max-width:100%}")
-
-
-def render(doc: dict, out: Path, plots: dict[str, str]) -> str:
+def render(doc: dict, pngs: dict[str, bytes]) -> str:
+    def img(key, caption):
+        return key in pngs and (f"<figure><img src='data:image/png;base64,{base64.b64encode(pngs[key]).decode()}' "
+                                f"alt='{caption}'><figcaption>{caption}</figcaption></figure>") or ""
     m, p = doc["model"], doc["provenance"]
     h = [f"<h1>Benchmark: {html.escape(m['name'])} on {html.escape(p['machine']['cpu_model'])}</h1>",
          f"<p>Target <code>{p['target']['name']}</code>, batch 1, fp32, weights: {html.escape(m['weights'])}"
          + (f", {m['mult_adds'] / 1e6:.1f}M mult-adds (counted from the ONNX graph)" if m.get("mult_adds") else "")
-         + f". {p['date']}. Status: <b>{doc['status']}</b>.</p>", *_warnings(doc),
+         + f". {p['date']}. Status: <b>{doc['status']}</b>.</p>",
          *([f"<p class='emulated'><b>⚠ {EMULATED_NOTE}</b></p>"] if emulated(doc) else []),
          "<h2>End to end</h2><p>Only ratios within one interleaved run count: absolute times on a shared machine "
          "drift by more than the differences between variants. Noise = (p90 − p10) / median of the variant's "
          "per-block medians.</p>", *[_headline(doc, t) for t in doc["config"]["threads"]],
-         _img(out, plots.get("e2e"), "End-to-end latency per variant")]
+         img("e2e", "End-to-end latency per variant")]
     for i, t in enumerate(sorted({e["threads"] for e in doc["layers"]})):
         h += ["<h2>Per layer</h2>"] * (i == 0) + [f"<h3>{t} thread(s)</h3>", _layers(doc, t),
-                                                 _img(out, plots.get(f"layers-{t}"), f"Per-layer time, {t} thread(s)"),
-                                                 _img(out, plots.get(f"roofline-{t}"), f"Roofline, {t} thread(s)")]
+                                                 img(f"layers-{t}", f"Per-layer time, {t} thread(s)"),
+                                                 img(f"roofline-{t}", f"Roofline, {t} thread(s)")]
     if doc["grid"]:
         h += ["<h2>Width x resolution grid</h2>", _table(
             ["variant", "alpha", "resolution", "MMACs", "paper top-1 %", "median ms"],
             [[g["variant"], f"{g['alpha']:g}", g["resolution"], f"{g['mult_adds'] / 1e6:.0f}",
               g["accuracy"] or "–", fmt_ms(g["stats"].get("median"))] for g in doc["grid"]]),
-              _img(out, plots.get("grid"), "Latency against mult-adds")]
+              img("grid", "Latency against mult-adds")]
     h += [*_machine(doc), BOARD_METHOD if p.get("board") else METHOD, f"<p><b>{html.escape(closing_line(doc))}</b></p>"]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(m['name'])}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(h) + "\n</body></html>\n")
 
 
 def write_report(out: str | Path, doc: dict) -> Path:
-    from . import plots as P
-
-    out, made = Path(out), {}
-    jobs = [("e2e", P.e2e_plot, ()), ("grid", P.grid_plot, ())]
-    jobs += [(f"{k}-{t}", f, (t,)) for t in doc["config"]["threads"]
-             for k, f in (("layers", P.layers_plot), ("roofline", P.roofline_plot))]
-    for key, fn, args in jobs:
+    out, pngs = Path(out), {}
+    plots = {"e2e": (e2e_plot,), "grid": (grid_plot,)}
+    for t in doc["config"]["threads"]:
+        plots.update({f"layers-{t}": (layers_plot, t), f"roofline-{t}": (roofline_plot, t)})
+    for key, (fn, *args) in plots.items():
         try:
             if fn(doc, *args, out / f"{key}.png"):
-                made[key] = f"{key}.png"
+                pngs[key] = (out / f"{key}.png").read_bytes()
         except Exception as e:          # a broken plot must not lose the report
             doc.setdefault("plot_errors", []).append(f"{key}.png: {type(e).__name__}: {e}")
-    (out / "report.html").write_text(render(doc, out, made))
+    (out / "report.html").write_text(render(doc, pngs))
     return out / "report.html"
 
 
@@ -250,3 +224,94 @@ def compare(a: str | Path, b: str | Path, out: str | Path | None = None, variant
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     return {**parts, "md": out / "compare.md", "text": "\n".join(lines) + "\n"}
+
+
+# --- the plots: each writes one PNG and returns its path, or None when there is nothing to plot -------
+
+def _save(ax, path: Path, title: str, xlabel: str, ylabel: str, log: str, **legend) -> Path:
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    for axis in log:
+        getattr(ax, f"set_{axis}scale")("log")
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(**{"fontsize": 8, **legend})
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
+    return path
+
+
+def e2e_plot(doc: dict, path: Path) -> Path | None:
+    entries = [e for e in doc["e2e"] if e["stats"]["n"]]
+    if not entries:
+        return None
+    names, threads = list(dict.fromkeys(e["variant"] for e in entries)), sorted({e["threads"] for e in entries})
+    ax = Figure(figsize=(9, 0.5 * len(names) * len(threads) + 1.5)).subplots()
+    h = 0.8 / len(threads)
+    for e in entries:
+        s, j = e["stats"], threads.index(e["threads"])
+        y = names.index(e["variant"]) + (j - (len(threads) - 1) / 2) * h
+        ax.barh(y, s["median"], height=h * 0.9, color=f"C{j}", capsize=3,
+                xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]], label=f"{e['threads']} thread(s)")
+        ax.text(s["p90"] * 1.05, y, f"{s['median']:.3g} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    handles = {l: h_ for h_, l in zip(*ax.get_legend_handles_labels())}     # one entry per thread count
+    return _save(ax, path, "End to end, batch 1 fp32", "latency per image, ms (median, bars p10-p90)", "", "x",
+                 handles=list(handles.values()), labels=list(handles))
+
+
+def layers_plot(doc: dict, t: int, path: Path) -> Path | None:
+    series = [(e["variant"], {c["layer"]: c["median_ms"] for c in e["calls"] if c["layer"]})
+              for e in doc["layers"] if e["threads"] == t and not e["mapping_problem"]]
+    if not series:
+        return None
+    order = [L["name"] for L in doc["model"]["layers"]]
+    ax = Figure(figsize=(max(9, 0.4 * len(order) + 2), 4.8)).subplots()
+    w = 0.8 / len(series)
+    for j, (name, by) in enumerate(series):
+        ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(len(order))], [by[k] for k in order],
+               width=w * 0.95, color=f"C{j}", label=name)
+    ax.set_xticks(range(len(order)), order, rotation=70, fontsize=8)
+    return _save(ax, path, f"Per layer, {t} thread(s)", "", "kernel time, ms (median)", "y")
+
+
+def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
+    p = peak(doc, t)
+    pts = [(e["variant"], c) for e in doc["layers"] if e["threads"] == t for c in e["calls"]
+           if c["mult_adds"] and c["kind"] in KIND_COLORS and c["median_ms"] > 0]
+    if not pts or not p:
+        return None
+    ai = [2 * c["mult_adds"] / c["bytes"] for _, c in pts]
+    P, B, ridge = p["fma_gflops"], p["triad_gbs"], p["ridge_flop_per_byte"]
+    lo, hi = min(ai + [ridge]) / 2, max(ai + [ridge]) * 2
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    ax = Figure(figsize=(11, 5.5)).subplots()
+    ax.plot(xs, [min(P, x * B) for x in xs], "k-", lw=1.5, label=f"roof: FMA loop {P:.0f} GFLOP/s, triad {B:.1f} GB/s")
+    ax.axvline(ridge, color="0.5", ls=":", lw=1, label=f"ridge point {ridge:.1f} FLOP/byte")
+    names = list(dict.fromkeys(n for n, _ in pts))
+    for (name, c), x in zip(pts, ai):
+        ax.scatter(x, gflops(c), marker=MARKERS[names.index(name) % 7], s=36,
+                   color=KIND_COLORS[c["kind"]], edgecolors="black", linewidths=0.4)
+    for k in sorted({c["kind"] for _, c in pts}):
+        ax.scatter([], [], color=KIND_COLORS[k], label=k)
+    for i, n in enumerate(names):
+        ax.scatter([], [], color="white", edgecolors="black", marker=MARKERS[i % 7], label=f"variant {n}")
+    return _save(ax, path, f"Roofline, {t} thread(s)", "arithmetic intensity, FLOP per byte (2 x mult-adds / bytes "
+                 "of all kernel arguments)", "achieved GFLOP/s", "xy", fontsize=7, loc="upper left",
+                 bbox_to_anchor=(1.01, 1.0))
+
+
+def grid_plot(doc: dict, path: Path) -> Path | None:
+    pts = [g for g in doc["grid"] if g["stats"]["n"]]
+    if not pts:
+        return None
+    ax = Figure(figsize=(9, 6)).subplots()
+    names = list(dict.fromkeys(g["variant"] for g in pts))
+    for i, n in enumerate(names):
+        ps = [g for g in pts if g["variant"] == n]
+        ax.scatter([g["mult_adds"] / 1e6 for g in ps], [g["stats"]["median"] for g in ps], color=f"C{i}",
+                   marker=MARKERS[i % 7], label=n)
+    for g in (g for g in pts if g["variant"] == names[0]):
+        ax.annotate(f"{g['alpha']:g}-{g['resolution']}" + (f" {g['accuracy']}%" if g["accuracy"] else ""),
+                    (g["mult_adds"] / 1e6, g["stats"]["median"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    return _save(ax, path, "alpha x rho grid (labels: alpha-resolution, paper's top-1 where printed)",
+                 "mult-adds, millions", "latency, ms (median)", "xy")

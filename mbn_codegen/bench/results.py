@@ -13,27 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "mbn-codegen-bench/2"
-SCHEMA_FILE = Path(__file__).with_name("schema.json")
+SCHEMA = json.loads(Path(__file__).with_name("schema.json").read_text())
+FORMAT = SCHEMA["properties"]["format"]["const"]
 RESULTS = "results.json"
 PACKAGES = ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime", "openvino", "onnx", "numpy")
-
-
-def stats(samples: list[float], seed: int = 0, boot: int = 1000) -> dict:
-    """Median with p10/p90 and a bootstrap 95% interval of the median."""
-    a = np.asarray(samples, dtype=np.float64)
-    if a.size == 0:
-        return {"n": 0}
-    meds = np.median(np.random.default_rng(seed).choice(a, size=(boot, a.size)), axis=1)
-    p10, p90 = np.percentile(a, [10, 90]).tolist()
-    return {"n": int(a.size), "median": float(np.median(a)), "p10": p10, "p90": p90, "min": float(a.min()),
-            "max": float(a.max()), "ci95": np.percentile(meds, [2.5, 97.5]).tolist()}
-
-
-def noise(block_medians: list[float]) -> float | None:
-    """(p90 - p10) / median of one variant's per-block medians: how far two runs of it drift."""
-    a = np.asarray(block_medians)
-    return float(np.ptp(np.percentile(a, [10, 90])) / np.median(a)) if a.size >= 3 else None
 
 
 def check_output(out, ref: np.ndarray, oracle: str = "onnxruntime") -> dict:
@@ -59,7 +42,7 @@ def load(path_or_dir: str | os.PathLike) -> dict:
 def validate(doc: dict) -> list[str]:
     import jsonschema
 
-    v = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text()))
+    v = jsonschema.Draft202012Validator(SCHEMA)
     return [f"{'/'.join(map(str, e.absolute_path)) or '$'}: {e.message}" for e in v.iter_errors(doc)]
 
 
@@ -94,16 +77,14 @@ def new_series(variant: str, threads: int) -> dict:
 
 
 def add_block(e: dict, r: int, samples: list[float]) -> None:
+    """Median with p10/p90 and a bootstrap 95% interval of it; noise = (p90 - p10) / median of the block
+    medians: how far two runs of the variant drift."""
     e["samples_ms"] += samples
     e["rounds"].append(r)
     e["block_medians_ms"].append(float(np.median(samples)))
-    e.update(stats=stats(e["samples_ms"]), noise=noise(e["block_medians_ms"]))
-
-
-def peak(doc: dict, t: int) -> dict | None:
-    """The machine's measured peak at `t` threads, if the bench measured one."""
-    return next((p for p in doc["peak"] if p["threads"] == t), None)
-
-
-def gflops(call: dict) -> float:
-    return 2 * call["mult_adds"] / call["median_ms"] / 1e6
+    a, b = np.asarray(e["samples_ms"]), np.asarray(e["block_medians_ms"])
+    boot = np.median(np.random.default_rng(0).choice(a, size=(1000, a.size)), axis=1)
+    p10, p90 = np.percentile(a, [10, 90]).tolist()
+    e["stats"] = {"n": a.size, "median": float(np.median(a)), "p10": p10, "p90": p90, "min": float(a.min()),
+                  "max": float(a.max()), "ci95": np.percentile(boot, [2.5, 97.5]).tolist()}
+    e["noise"] = float(np.ptp(np.percentile(b, [10, 90])) / np.median(b)) if b.size >= 3 else None

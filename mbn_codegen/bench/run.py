@@ -3,6 +3,7 @@ layer, the optional alpha x rho grid; write results.json after every step, then 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import random
 import shutil
 import signal
@@ -14,9 +15,19 @@ from typing import Callable
 import numpy as np
 
 from ..model_spec import ModelSpec, with_model_fields
-from . import variants as V
-from .results import add_block, new_series
+from .results import add_block, load, new_series
 
+# name -> (label, a TVM variant's BuildConfig fields or the Python package a peer runs in); the generic
+# space is tuned on stock NHWC (tuning.prepare_module).
+VARIANTS = {"stock": ("TVM stock (untuned)", {"schedules": "stock"}),
+            "metaschedule": ("TVM MetaSchedule (generic space)", {"schedules": "stock", "layout": "NHWC"}),
+            "ours": ("ours (default knobs)", {"schedules": "ours", "use_shipped_database": False}),
+            "ours-tuned": ("ours (tuned)", {"schedules": "ours"}),
+            "pytorch": ("PyTorch eager", "torch"), "onnxruntime": ("ONNX Runtime", "onnxruntime"),
+            "openvino": ("OpenVINO (f32)", "openvino"),
+            "openvino-bf16": ("OpenVINO (bf16, its default on AMX CPUs)", "openvino")}
+ALL_VARIANTS = tuple(VARIANTS)
+DEFAULT_VARIANTS = ALL_VARIANTS[:-1]
 GRID_DEFAULT_VARIANTS = ("stock", "ours", "onnxruntime")
 # Howard et al. 2017, Table 6 (width multiplier at 224) and Table 7 (resolution at alpha 1.0).
 PAPER_TOP1 = {(1.0, 224): 70.6, (1.0, 192): 69.1, (1.0, 160): 67.2, (1.0, 128): 64.4,
@@ -28,7 +39,7 @@ PAPER_TOP1 = {(1.0, 224): 70.6, (1.0, 192): 69.1, (1.0, 160): 67.2, (1.0, 128): 
 class BenchConfig:
     model: ModelSpec = field(default_factory=ModelSpec)   # flat keywords (alpha=...) work too
     target: str = "x86_64"
-    variants: list[str] = field(default_factory=lambda: list(V.DEFAULT_VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     database: str | None = None
     ms_database: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)   # extra variants: label -> artifact dir
@@ -60,82 +71,60 @@ class BenchConfig:
                 "target": self.target}
 
 
-def prepare_model(cfg: BenchConfig, d: Path) -> dict:
-    """The ONNX every peer loads, a seeded input, ONNX Runtime's output on it (the oracle) and the
-    graph's compute layers with their mult-adds."""
-    from .layers import onnx_layers
+@dataclass
+class Variant:
+    """Also its record in results.json (asdict)."""
+    name: str
+    kind: str                      # "tvm" | "peer"
+    label: str
+    status: str = "ok"             # ok | unavailable | failed
+    note: str = ""
+    build_kwargs: dict = field(default_factory=dict)
+    database: str | None = None
+    artifact: str | None = None
+    runtime: str = "tvm"
+    checks: list = field(default_factory=list)
+    build_facts: dict | None = None
 
-    d.mkdir(parents=True, exist_ok=True)
-    prepared = cfg.model.write_onnx(d / "model.onnx", log=lambda s: None)
-    x, y = cfg.model.reference(prepared)
-    np.save(d / "input.npy", x)
-    np.save(d / "reference.npy", y)
-    return {"onnx": str(prepared.path), "input": str(d / "input.npy"), "reference": str(d / "reference.npy"),
-            "input_shape": list(prepared.shape), "layers": onnx_layers(prepared.path)}
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
-
-def build_variant(v: V.Variant, out: Path | None, log_file: Path) -> None:
-    """Build v into out (None: v.artifact is built already); v.build_facts from its manifest."""
-    from ..build import BuildConfig, build
-    from ..runtime import read_manifest
-
-    t0, seconds = time.perf_counter(), None
-    if out:
-        with open(log_file, "a") as lf:
-            v.artifact = str(build(BuildConfig(**v.build_kwargs, database=v.database, out=str(out)),
-                                   log=lambda s: print(s, file=lf, flush=True)))
-        seconds = round(time.perf_counter() - t0, 2)
-    man = read_manifest(v.artifact)
-    v.build_facts = {"seconds": seconds, "kernels": man.get("kernels", []), "library_bytes": man["library"]["bytes"]}
+    def unless(self, why: str | None, status: str = "unavailable") -> Variant:
+        if why:
+            self.status, self.note = status, why
+        return self
 
 
-def worker_spec(v: V.Variant, cfg: BenchConfig, threads: int, model: dict) -> dict:
-    return {**cfg.base_build(), "variant": v.name, "runtime": v.runtime, "threads": threads, "artifact": v.artifact,
-            "spin": cfg.spin, **{k: model[k] for k in ("input", "reference", "onnx")},
-            "precision": "default" if v.name == "openvino-bf16" else "f32"}
+def variants(cfg: BenchConfig, names: list[str]) -> list[Variant]:
+    from ..tuning import database_dir
+
+    dbs = {"ours-tuned": cfg.database or str(database_dir(cfg.target, "ours")),
+           "metaschedule": cfg.ms_database or str(database_dir(cfg.target, "generic"))}
+    out = []
+    for name in names:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}: choose from {', '.join(ALL_VARIANTS)}")
+        label, how = VARIANTS[name]
+        if isinstance(how, dict):
+            v = Variant(name, "tvm", label, build_kwargs={**cfg.base_build(), **how}, database=dbs.get(name))
+            out.append(v.unless(v.database and not Path(v.database).is_dir() and f"no database at {v.database}"))
+        else:
+            out.append(Variant(name, "peer", label, runtime=how).unless(
+                f"not installed: Python package {how!r}" if importlib.util.find_spec(how) is None else
+                "an --onnx model has no PyTorch definition" if name == "pytorch" and cfg.model.onnx else None))
+    return out + [Variant(label, "tvm", f"{label} ({Path(p).name})", artifact=str(p)).unless(
+        not (Path(p) / "manifest.json").is_file() and f"not an artifact directory: {p}")
+        for label, p in cfg.artifacts.items()]
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     import psutil
 
-    from .. import targets
-    from ..errors import MbnError
-    from ..runtime import machine_arch
-    from .results import FORMAT, provenance
+    from .report import closing_line, summarize, write_report
 
-    spec, remote, names = targets.load(cfg.target), None, cfg.variants
-    if cfg.rpc_tracker:
-        from . import board as B
-        remote, machine, board = B.connect(cfg, spec)
-        cores, names = board["cores"] or 1, [n for n in cfg.variants if n in V.TVM_VARIANTS]
-    elif spec.arch != machine_arch() or spec.device != "cpu":
-        raise MbnError(f"target {spec.name!r} ({spec.arch}, {spec.device}) does not run on this {machine_arch()} "
-                       "CPU: bench on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
-    else:
-        cores = len(psutil.Process().cpu_affinity())
-    out = Path(cfg.out) if cfg.out else Path("reports") / (f"{cfg.model.stem()}-{Path(cfg.target).stem}-"
-                                                           f"{_dt.datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
-    threads = sorted(set(cfg.threads or [1, cores]))
-    vs = V.resolve(cfg, names, cfg.base_build(), cfg.artifacts)
-    if remote:
-        vs += [V.Variant(n, "peer", label, runtime=n) for n, label in B.PEERS.items()]
-    for v in vs:
-        if v.database and v.ok:      # build from a copy: a tuner may be appending to the original
-            v.database = str(shutil.copytree(v.database, out / "databases" / v.name, dirs_exist_ok=True))
-            v.label += f" ({V.database_records(v.database)} trials)"
-    m = cfg.model
-    doc = {
-        "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": threads, "out": str(out)},
-        "provenance": provenance(spec), "peak": [], "variants": [], "e2e": [], "layers": [], "grid": [],
-        "model": {"name": Path(m.onnx).name if m.onnx else f"{m.name} alpha={m.alpha:g} res={m.zoo_resolution}",
-                  "onnx": m.onnx, "weights": "from the ONNX file" if m.onnx else m.weights or
-                  f"random (live, seed={m.seed})"},
-        "isolation": {}, "log": []}
-    if remote:
-        doc["provenance"].update(host_machine=doc["provenance"]["machine"], machine=machine,
-                                 board={**board, "tracker": cfg.rpc_tracker, "key": cfg.rpc_key})
-    run = Run(cfg, out, threads, vs, doc, log, remote)
+    run = Run(cfg, log)
+    doc = run.doc
     old = signal.signal(signal.SIGTERM, signal.default_int_handler)     # SIGTERM: KeyboardInterrupt
     try:
         run.all()
@@ -146,30 +135,60 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
-        doc["provenance"]["load_average_end"] = [round(x, 2) for x in psutil.getloadavg()]
-        doc["provenance"]["seconds"] = round(time.perf_counter() - run.t0, 1)
-        from .report import closing_line, summarize, write_report
+        doc["provenance"].update(load_average_end=[round(x, 2) for x in psutil.getloadavg()],
+                                 seconds=round(time.perf_counter() - run.t0, 1))
         doc["summary"] = summarize(doc)
         run.save()                      # the raw samples first: a report error must not lose them
-        write_report(out, doc)
+        write_report(run.out, doc)
         run.save()
-        log(f"report: {out}/report.html ({doc['status']})")
+        log(f"report: {run.out}/report.html ({doc['status']})")
         log(closing_line(doc))
-    return out
+    return run.out
 
 
-@dataclass
 class Run:
     """One bench in progress: its variants, results.json's document and the progress log."""
-    cfg: BenchConfig
-    out: Path
-    threads: list[int]
-    vs: list[V.Variant]
-    doc: dict
-    log: Callable[[str], None]
-    remote: object = None
-    model: dict = field(default_factory=dict)
-    t0: float = field(default_factory=time.perf_counter)
+
+    def __init__(self, cfg: BenchConfig, log: Callable[[str], None]):
+        import psutil
+
+        from .. import targets
+        from ..errors import MbnError
+        from ..runtime import machine_arch
+        from .results import FORMAT, provenance
+
+        spec, m, self.remote, peers = targets.load(cfg.target), cfg.model, None, {}
+        self.cfg, self.log, self.t0, names = cfg, log, time.perf_counter(), cfg.variants
+        if cfg.rpc_tracker:
+            from .board import PEERS as peers, connect
+            self.remote, machine, board = connect(cfg, spec)
+            cores, names = board["cores"] or 1, [n for n in names if isinstance(VARIANTS[n][1], dict)]
+        elif spec.arch != machine_arch() or spec.device != "cpu":
+            raise MbnError(f"target {spec.name!r} ({spec.arch}, {spec.device}) does not run on this "
+                           f"{machine_arch()} CPU: bench on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
+        else:
+            cores = len(psutil.Process().cpu_affinity())
+        out = self.out = Path(cfg.out or f"reports/{m.stem()}-{Path(cfg.target).stem}-"
+                                         f"{_dt.datetime.now():%Y%m%d-%H%M%S}")
+        out.mkdir(parents=True, exist_ok=True)
+        self.threads = sorted(set(cfg.threads or [1, cores]))
+        self.vs = variants(cfg, names) + [Variant(n, "peer", label, runtime=n) for n, label in peers.items()]
+        for v in self.vs:
+            if v.database and v.ok:      # build from a copy: a tuner may be appending to the original
+                v.database = str(shutil.copytree(v.database, out / "databases" / v.name, dirs_exist_ok=True))
+                records = sum(sum(1 for line in open(f, "rb") if line.strip())
+                              for f in Path(v.database).rglob("*tuning_record*.json"))
+                v.label += f" ({records} trials)"
+        self.doc = {
+            "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": self.threads, "out": str(out)},
+            "provenance": provenance(spec), "peak": [], "variants": [], "e2e": [], "layers": [], "grid": [],
+            "model": {"name": Path(m.onnx).name if m.onnx else f"{m.name} alpha={m.alpha:g} res={m.zoo_resolution}",
+                      "onnx": m.onnx, "weights": "from the ONNX file" if m.onnx else m.weights or
+                      f"random (live, seed={m.seed})"},
+            "isolation": {}, "log": []}
+        if self.remote:
+            self.doc["provenance"].update(host_machine=self.doc["provenance"]["machine"], machine=machine,
+                                          board={**board, "tracker": cfg.rpc_tracker, "key": cfg.rpc_key})
 
     def say(self, msg: str) -> None:
         self.log(msg)
@@ -181,23 +200,36 @@ class Run:
         self.doc["variants"] = [asdict(v) for v in self.vs]
         save(self.out / RESULTS, self.doc)
 
-    def fail(self, v: V.Variant, note: str) -> None:
-        v.status, v.note = "failed", note
-        self.say(f"  {v.name}: {note}")
+    def fail(self, v: Variant, note: str) -> None:
+        self.say(f"  {v.name}: {v.unless(note, 'failed').note}")
 
-    def ok(self, kind: str | None = None) -> list[V.Variant]:
+    def ok(self, kind: str | None = None) -> list[Variant]:
         return [v for v in self.vs if v.ok and kind in (None, v.kind)]
 
+    def spec(self, v: Variant, t: int) -> dict:
+        """What a worker needs to load v at t threads."""
+        return {**self.cfg.base_build(), "variant": v.name, "runtime": v.runtime, "threads": t, "artifact": v.artifact,
+                "spin": self.cfg.spin, **{k: self.model[k] for k in ("input", "reference", "onnx")}}
+
     def all(self) -> None:
+        from ..build import BuildConfig, build
+        from ..runtime import read_manifest
+        from .layers import onnx_layers
         from .worker import NO_SPIN_ENV, ask
 
         cfg, doc, logs = self.cfg, self.doc, self.out / "logs"
         self.say(f"bench {doc['model']['name']} on {cfg.target}, threads {self.threads}, variants "
                  f"{', '.join(v.name for v in self.ok())}" + "".join(f"\n  {v.name}: {v.note}" for v in self.vs
                                                                       if not v.ok))
-        self.model = prepare_model(cfg, self.out / "model")
-        doc["model"].update(input_shape=self.model["input_shape"], layers=self.model["layers"],
-                            mult_adds=sum(l["mult_adds"] for l in self.model["layers"]))
+        d = self.out / "model"            # the ONNX every peer loads, a seeded input, ONNX Runtime's output on it
+        d.mkdir(parents=True, exist_ok=True)
+        prepared = cfg.model.write_onnx(d / "model.onnx", log=lambda s: None)
+        for name, a in zip(("input", "reference"), cfg.model.reference(prepared)):
+            np.save(d / f"{name}.npy", a)
+        self.model = {"onnx": str(prepared.path), "input": str(d / "input.npy"), "reference": str(d / "reference.npy")}
+        layers = onnx_layers(prepared.path)
+        doc["model"].update(input_shape=list(prepared.shape), layers=layers,
+                            mult_adds=sum(l["mult_adds"] for l in layers))
         spin = ({"all runtimes": "their default spin-wait inside their own block; the fence waits it out"} if cfg.spin
                 else {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"})
         doc["isolation"] = {"spin_settings": spin, "order": "random per round", "fence": {}}
@@ -205,7 +237,11 @@ class Run:
         for v in self.ok("tvm"):
             self.say(f"{v.name}: {v.artifact}" if v.artifact else f"build {v.name} ...")
             try:
-                build_variant(v, None if v.artifact else self.out / "builds" / v.name, logs / "build.log")
+                with open(logs / "build.log", "a") as lf:
+                    v.artifact = v.artifact or str(build(BuildConfig(
+                        **v.build_kwargs, database=v.database, out=str(self.out / "builds" / v.name)),
+                        log=lambda s: print(s, file=lf, flush=True)))
+                v.build_facts = {"kernels": read_manifest(v.artifact).get("kernels", [])}
             except Exception as e:
                 self.fail(v, f"build failed: {type(e).__name__}: {str(e)[:300]}")
             self.save()
@@ -221,47 +257,46 @@ class Run:
                      f"{'registers only' if p['asm_check']['ok'] else 'NOT register-resident'}), "
                      f"triad {p['triad_gbs']:.1f} GB/s")
         for t in self.threads:
-            doc["isolation"]["fence"][str(t)] = self.e2e(cfg, self.ok(), t, self.model, doc["e2e"], logs)
+            doc["isolation"]["fence"][str(t)] = self.e2e(t, logs)
         for v in self.ok("tvm") if cfg.layers else []:
             for t in self.threads:
                 self.layers(v, t, logs)
         if cfg.grid:
             self.grid()
 
-    def e2e(self, cfg: BenchConfig, vs: list[V.Variant], t: int, model: dict, dest: list, logs: Path,
-            say: Callable[[str], None] | None = None) -> dict:
-        """Time vs at t threads, each in its own worker, interleaved; returns the fence statistics."""
+    def e2e(self, t: int, logs: Path) -> dict:
+        """Time the variants at t threads, each in its own worker, interleaved; returns the fence statistics."""
         from .worker import fence, start_workers
 
-        say = say or self.say
-        say(f"end to end, {t} thread(s): loading {len(vs)} variants ...")
-        workers = {}
+        vs, workers = self.ok(), {}
+        self.say(f"end to end, {t} thread(s): loading {len(vs)} variants ...")
         try:
-            for (w, r), v in zip(start_workers([worker_spec(v, cfg, t, model) for v in vs], logs), vs):
+            for (w, r), v in zip(start_workers([self.spec(v, t) for v in vs], logs), vs):
                 v.checks.append({"threads": t, **(r["check"] if w else r)})
                 if not w:
-                    say(f"  {v.name}: failed to load: {r['error']}")
+                    self.say(f"  {v.name}: failed to load: {r['error']}")
                     continue
                 if not r["check"]["ok"]:
-                    say(f"  {v.name}: output differs from ONNX Runtime (max |err| {r['check']['max_abs_err']:.3g})")
+                    self.say(f"  {v.name}: output differs from ONNX Runtime (max |err| "
+                             f"{r['check']['max_abs_err']:.3g})")
                 workers[v.name] = w
-                w.request({"cmd": "time", "n": 0, "warmup": cfg.warmup})
-            timers = {n: (lambda w=w: w.request({"cmd": "time", "n": cfg.reps, "warmup": 1})["samples_ms"])
+                w.request({"cmd": "time", "n": 0, "warmup": self.cfg.warmup})
+            timers = {n: (lambda w=w: w.request({"cmd": "time", "n": self.cfg.reps, "warmup": 1})["samples_ms"])
                       for n, w in workers.items()}
-            return self.interleave(t, timers, cfg.rounds, dest, say, lambda: fence(workers.values()))
+            return self.interleave(t, timers, lambda: fence(workers.values()))
         finally:
             for w in workers.values():
                 w.close()
 
-    def interleave(self, t: int, timers: dict[str, Callable[[], list[float]]], rounds: int, dest: list,
-                   say: Callable[[str], None], fence: Callable[[], tuple[float, bool]] | None = None) -> dict:
-        """Each round visits every variant once, in a fresh random order, for one block of timed
-        calls, after `fence` (if any) has waited out the previous block's spinning pools; results.json
-        is saved after every block, so an interruption loses at most one."""
+    def interleave(self, t: int, timers: dict[str, Callable[[], list[float]]],
+                   fence: Callable[[], tuple[float, bool]] | None = None) -> dict:
+        """Each round times every variant once, a block of calls in a fresh random order, after `fence`
+        has waited out the previous block's spinning pools; saved after every block, so an interruption
+        loses at most one."""
         from .worker import WorkerError
 
-        series = {n: new_series(n, t) for n in timers}
-        dest += series.values()
+        series, rounds = {n: new_series(n, t) for n in timers}, self.cfg.rounds
+        self.doc["e2e"] += series.values()
         rng, waits, timeouts, t0 = random.Random(self.cfg.model.seed + t), [], 0, time.perf_counter()
         for r in range(rounds):
             order = rng.sample(list(timers), len(timers))
@@ -273,57 +308,51 @@ class Run:
                 try:
                     add_block(series[n], r, timers[n]())
                 except WorkerError as e:
-                    say(f"  {n}: {e}; dropped from the remaining rounds")
+                    self.say(f"  {n}: {e}; dropped from the remaining rounds")
                     del timers[n]
                 self.save()
             el = time.perf_counter() - t0
-            say(f"  {t} thread(s), round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, ~"
-                f"{el / (r + 1) * (rounds - r - 1):.0f} s left   " + "  ".join(
-                    f"{n} {e['stats']['median']:.2f}" for n, e in series.items() if e["stats"]["n"]) + " ms")
+            self.say(f"  {t} thread(s), round {r + 1}/{rounds} ({' '.join(order)}), {el:.0f} s, ~"
+                     f"{el / (r + 1) * (rounds - r - 1):.0f} s left   " + "  ".join(
+                         f"{n} {e['stats']['median']:.2f}" for n, e in series.items() if e["stats"]["n"]) + " ms")
         return {"blocks": len(waits), "median_wait_ms": float(np.median(waits) * 1e3) if waits else 0.0,
                 "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": timeouts}
 
-    def layers(self, v: V.Variant, t: int, logs: Path) -> None:
+    def layers(self, v: Variant, t: int, logs: Path) -> None:
         from .layers import layer_entry
         from .worker import WorkerError, ask
 
         self.say(f"per layer: {v.name} at {t} thread(s) ...")
         try:
-            m = ask(worker_spec(v, self.cfg, t, self.model), {"cmd": "layers", "rounds": self.cfg.layer_rounds}, logs)
+            m = ask(self.spec(v, t), {"cmd": "layers", "rounds": self.cfg.layer_rounds}, logs)
         except WorkerError as e:
             return self.say(f"  failed: {e}")
-        e = {"variant": v.name, "threads": t, **layer_entry(m, v.build_facts["kernels"], self.model["layers"])}
+        e = {"variant": v.name, "threads": t, **layer_entry(m, v.build_facts["kernels"], self.doc["model"]["layers"])}
         self.doc["layers"].append(e)
         self.save()
         c = e["consistency"]
-        self.say(f"  {len(e['calls'])} kernel calls: warm sum {c['kernel_sum_ms']:.2f} ms, end to end "
-                 f"{c['e2e_ms']:.2f} ms, overhead {c['unattributed_ms']:.2f} ms: "
-                 f"{'consistent' if c['ok'] else 'NOT bracketed'}"
-                 + (f"; {e['mapping_problem']}" if e["mapping_problem"] else ""))
+        self.say(f"  {len(e['calls'])} kernel calls, sum {c['kernel_sum_ms']:.2f} ms, end to end {c['e2e_ms']:.2f} ms; "
+                 + (e["mapping_problem"] or "mapped to the layers"))
 
     def grid(self) -> None:
-        """MobileNet v1's alpha x rho variants: measured latency against mult-adds (the paper's Figures
-        4-5 with time), few repetitions; each point's builds are deleted once measured."""
+        """MobileNet v1's alpha x rho variants: latency against mult-adds (the paper's Figures 4-5 with
+        time), each point a small bench of its own, its builds deleted once measured."""
         from ..models.mobilenet_v1 import PAPER_ALPHAS, PAPER_RESOLUTIONS
 
-        cfg, out = self.cfg, self.out
+        cfg = self.cfg
         points = cfg.grid_points or [(a, r) for a in PAPER_ALPHAS for r in PAPER_RESOLUTIONS]
         t = cfg.grid_threads or max(self.threads)
         self.say(f"alpha x rho grid: {len(points)} points x {', '.join(cfg.grid_variants)} at {t} thread(s)")
         for a, r in points:
-            pcfg, d, entries = replace(cfg, alpha=a, resolution=r, rounds=cfg.grid_rounds, reps=cfg.grid_reps,
-                                       warmup=1), out / "grid" / f"{a:g}-{r}", []
-            model = prepare_model(pcfg, d / "model")
-            vs = V.resolve(cfg, cfg.grid_variants, pcfg.base_build())
-            for v in [v for v in vs if v.ok and v.kind == "tvm"]:
-                if v.database:
-                    v.database = str(out / "databases" / v.name)
-                build_variant(v, d / v.name, out / "logs" / "build-grid.log")
-            self.e2e(pcfg, [v for v in vs if v.ok], t, model, entries, out / "logs" / "grid", lambda m: None)
-            madds = sum(l["mult_adds"] for l in model["layers"])
+            d = run_bench(replace(cfg, alpha=a, resolution=r, variants=cfg.grid_variants, artifacts={}, threads=[t],
+                                  rounds=cfg.grid_rounds, reps=cfg.grid_reps, warmup=1, layers=False, peak=False,
+                                  grid=False, out=str(self.out / "grid" / f"{a:g}-{r}")), log=lambda s: None)
+            point = load(d)
+            madds = point["model"]["mult_adds"]
             self.doc["grid"] += [{**e, "alpha": a, "resolution": r, "mult_adds": madds,
-                                  "accuracy": PAPER_TOP1.get((a, r))} for e in entries]
+                                  "accuracy": PAPER_TOP1.get((a, r))} for e in point["e2e"]]
             self.save()
-            shutil.rmtree(d, ignore_errors=True)
+            for sub in ("builds", "databases", "model"):
+                shutil.rmtree(d / sub, ignore_errors=True)
             self.say(f"  {a:g}-{r} ({madds / 1e6:.0f}M mult-adds): " + "  ".join(
-                f"{e['variant']} {e['stats']['median']:.2f} ms" for e in entries if e["stats"]["n"]))
+                f"{e['variant']} {e['stats']['median']:.2f} ms" for e in point["e2e"] if e["stats"]["n"]))

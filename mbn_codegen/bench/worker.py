@@ -1,9 +1,9 @@
-"""One benchmark subprocess per (variant, threads): pools read their thread count at start, and its
-CPU time tells the coordinator its pools are idle. Both sides of the JSON-lines protocol: the spec ->
-{"ok", "check", "load_s"} or {"error"}, then {"cmd": "time"|"layers"|"peak", ...} until the input
-ends; the child's prints go to its log."""
+"""One benchmark subprocess per (variant, threads): pools read their thread count at start, and its CPU
+time tells the coordinator its pools are idle. JSON lines: the spec -> {"check"} or {"error"}, then
+{"cmd": "time"|"layers"|"peak", ...} -> its answer, until the input ends; the child's prints go to its log."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,13 +14,11 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 THREAD_ENV = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# With spin=False (--no-spin) pools block as soon as they are idle: OpenMP (torch), TVM's pool
-# (libtvm_runtime reads this variable), ONNX Runtime (a session entry, below). OpenVINO's TBB
-# has no such switch. It costs TVM 1.5-2x at 2 threads on small models (a futex wake per kernel),
-# so by default runtimes spin inside their own block and the fence keeps that out of the next one.
+# --no-spin: OpenMP (torch), TVM's pool and ONNX Runtime (a session entry) block as soon as idle; OpenVINO's
+# TBB has no switch. It costs TVM 1.5-2x at 2 threads on small models (a futex wake per kernel), so by
+# default runtimes spin inside their own block and the fence keeps that out of the next one.
 NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0", "KMP_BLOCKTIME": "0"}
 FENCE_WINDOW_S, FENCE_IDLE_CPU_S, FENCE_TIMEOUT_S = 0.02, 0.002, 2.0
 
@@ -30,41 +28,39 @@ class WorkerError(RuntimeError):
 
 
 class Worker:
-    """The child runs in its own session (a terminal's Ctrl-C reaches only the coordinator) and exits
-    when its stdin closes."""
+    """The child runs in its own session: a terminal's Ctrl-C reaches only the coordinator."""
 
     def __init__(self, spec: dict, log_dir: Path):
+        import psutil           # here: board_peers imports this module on boards without it
+
         env = {**os.environ, **({} if spec.get("spin", True) else NO_SPIN_ENV),
                **{k: str(spec["threads"]) for k in THREAD_ENV}}
         env.setdefault("TVM_BIND_THREADS", "1")
-        self.name = f"{spec['variant']}@{spec['threads']}t"
+        self.name = f"{spec['variant']}-{spec['threads']}t"
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(log_dir / f"{spec['variant']}-{spec['threads']}t.log", "ab")
+        self.log = open(log_dir / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, env=env, text=True, start_new_session=True, bufsize=1)
-        self.ps = psutil.Process(self.proc.pid)
+        self.ps, self.gone = psutil.Process(self.proc.pid), psutil.Error
         self.proc.stdin.write(json.dumps(spec) + "\n")
-        self.proc.stdin.flush()
 
-    def request(self, obj: dict | None) -> dict:
-        """Send obj (None: nothing), then read the reply; WorkerError if the worker failed or is gone."""
+    def request(self, cmd: dict | None = None) -> dict:
+        """Send cmd (None: only read the reply to the spec, the load); WorkerError if it failed or is gone."""
         try:
-            if obj is not None:
-                self.proc.stdin.write(json.dumps(obj) + "\n")
-                self.proc.stdin.flush()
+            self.proc.stdin.write(json.dumps(cmd) + "\n" if cmd else "")
+            self.proc.stdin.flush()
             r = json.loads(self.proc.stdout.readline() or "null")
         except OSError:
             r = None
-        if r is None:
-            raise WorkerError(f"{self.name}: worker exited (code {self.proc.poll()}); see {self.log.name}")
-        if "error" in r:
-            raise WorkerError(f"{self.name}: {r['error']}")
+        if r is None or "error" in r:
+            raise WorkerError(f"{self.name}: " + (r["error"] if r else f"worker exited (code {self.proc.poll()}); "
+                                                  f"see {self.log.name}"))
         return r
 
     def cpu_s(self) -> float:
         try:
             return sum(self.ps.cpu_times()[:2])
-        except psutil.Error:
+        except self.gone:
             return 0.0
 
     def close(self) -> None:
@@ -78,11 +74,11 @@ class Worker:
 
 
 def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[Worker | None, dict]]:
-    """Start all at once (loading is the slow part), then collect their ready replies."""
+    """Start all at once (loading is the slow part), then collect their load replies."""
     out = []
     for w in [Worker(s, log_dir) for s in specs]:
         try:
-            out.append((w, w.request(None)))
+            out.append((w, w.request()))
         except WorkerError as e:
             w.close()
             out.append((None, {"ok": False, "error": str(e)}))
@@ -93,16 +89,15 @@ def ask(spec: dict, cmd: dict, log_dir: Path) -> dict:
     """A one-off worker's answer to cmd."""
     w = Worker(spec, log_dir)
     try:
-        w.request(None)
+        w.request()
         return w.request(cmd)
     finally:
         w.close()
 
 
 def fence(workers) -> tuple[float, bool]:
-    """Wait until the workers together use less than FENCE_IDLE_CPU_S CPU seconds per window.
-    Returns (seconds waited, whether it timed out). Our workers' own CPU time, not the machine's:
-    other users of a shared machine never let it go idle."""
+    """Wait until the workers' own CPU time (other users of a shared machine never let it go idle)
+    grows by less than FENCE_IDLE_CPU_S per window; returns (seconds waited, whether it timed out)."""
     t0, before = time.perf_counter(), sum(w.cpu_s() for w in workers)
     while True:
         time.sleep(FENCE_WINDOW_S)
@@ -112,7 +107,7 @@ def fence(workers) -> tuple[float, bool]:
         before = now
 
 
-# --- the child -------------------------------------------------------------------------------------
+# --- the child (and board_peers): a runtime makes run(x) from the spec --------------------------------
 
 def _tvm(spec):
     from ..runtime import load
@@ -127,9 +122,7 @@ def _torch(spec):
 
     torch.set_num_threads(spec["threads"])
     m = create(spec["model"], spec["alpha"], spec["resolution"], spec["num_classes"], spec["weights"])
-    if spec["weights"] is None:
-        make_live(m, seed=spec["seed"])
-    m.eval()
+    m = (make_live(m, seed=spec["seed"]) if spec["weights"] is None else m).eval()
 
     def run(x):
         with torch.inference_mode():
@@ -151,13 +144,32 @@ def _openvino(spec):
     import openvino as ov
 
     cfg = {"INFERENCE_NUM_THREADS": spec["threads"], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    if spec["precision"] == "f32":
+    if spec["variant"] != "openvino-bf16":
         cfg["INFERENCE_PRECISION_HINT"] = "f32"
     req = ov.Core().compile_model(spec["onnx"], "CPU", cfg).create_infer_request()
     return lambda x: req.infer({0: x})[0]
 
 
-def _time(run, x, n: int, warmup: int) -> list[float]:
+def _litert(spec):
+    from ai_edge_litert.interpreter import Interpreter     # XNNPACK is its default CPU delegate
+
+    if not spec["tflite"]:
+        raise FileNotFoundError("no --tflite model given (LiteRT does not load ONNX)")
+    it = Interpreter(model_path=spec["tflite"], num_threads=spec["threads"])
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+
+    def run(x):
+        it.set_tensor(i["index"], x if tuple(i["shape"]) == x.shape else x.transpose(0, 2, 3, 1))
+        it.invoke()
+        return it.get_tensor(o["index"])
+    return run
+
+
+RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino, "litert": _litert}
+
+
+def time_calls(run, x, n: int, warmup: int = 0) -> list[float]:
     for _ in range(warmup):
         run(x)
     out = []
@@ -168,47 +180,38 @@ def _time(run, x, n: int, warmup: int) -> list[float]:
     return out
 
 
-RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino}
+def _answer(spec: dict, cmd: dict | None, state: dict) -> dict:
+    from .results import check_output
 
-
-def _do(spec: dict, cmd: dict, run=None, x=None):
+    if cmd is None:                                   # the load; a peak worker has nothing to load
+        if spec["runtime"] == "peak":
+            return {"check": None}
+        state.update(x=np.load(spec["input"]), run=RUNTIMES[spec["runtime"]](spec))
+        return {"check": check_output(state["run"](state["x"]), np.load(spec["reference"]))}
     if cmd["cmd"] == "time":
-        return {"samples_ms": _time(run, x, int(cmd["n"]), int(cmd["warmup"]))}
+        return {"samples_ms": time_calls(state["run"], state["x"], cmd["n"], cmd["warmup"])}
     if cmd["cmd"] == "layers":
         from .layers import measure_layers
-        return measure_layers(spec["artifact"], x, int(cmd["rounds"]))
+        return measure_layers(spec["artifact"], state["x"], cmd["rounds"])
     from .. import targets
     from .peak import measure_peak
-    return measure_peak(targets.load(spec["target"]), spec["threads"], bool(cmd["quick"]))
-
-
-def _reply(proto, f) -> bool:
-    try:
-        r = f()
-    except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
-        traceback.print_exc()
-        r = {"error": f"{type(e).__name__}: {str(e).strip()[:500]}"}
-    proto.write(json.dumps(r) + "\n")
-    return "error" not in r
+    return measure_peak(targets.load(spec["target"]), spec["threads"], cmd["quick"])
 
 
 def main() -> None:
-    from .results import check_output
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the coordinator decides when we stop
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                                     # stray prints (TVM's "Scope Loaded") -> log
     spec, state = json.loads(sys.stdin.readline()), {}
-
-    def load():
-        t0, check = time.perf_counter(), None
-        if spec["runtime"] != "peak":
-            state.update(x=np.load(spec["input"]), run=RUNTIMES[spec["runtime"]](spec))
-            check = check_output(state["run"](state["x"]), np.load(spec["reference"]))
-        return {"ok": True, "load_s": time.perf_counter() - t0, "check": check}
-    if _reply(proto, load):
-        for line in sys.stdin:
-            _reply(proto, lambda: _do(spec, json.loads(line), **state))
+    for line in itertools.chain([None], sys.stdin):
+        try:
+            r = _answer(spec, line and json.loads(line), state)
+        except Exception as e:  # reported, not raised: the variant becomes "failed" with this reason
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {str(e).strip()[:500]}"}
+        proto.write(json.dumps(r) + "\n")
+        if line is None and "error" in r:
+            break
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..bench.variants import ALL_VARIANTS, DEFAULT_VARIANTS
+from ..bench.run import ALL_VARIANTS, DEFAULT_VARIANTS, GRID_DEFAULT_VARIANTS
 from .common import add_model_args
 
 
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     a("--layer-rounds", type=int, default=5, help="rounds of per-layer timing (default 5)")
     a("--no-layers", dest="layers", action="store_false", help="skip per-layer timing")
     a("--grid", action="store_true", help="also measure the 16 alpha x rho variants (minutes)")
-    a("--grid-variants", type=_names, default=["stock", "ours", "onnxruntime"], metavar="A,B",
+    a("--grid-variants", type=_names, default=list(GRID_DEFAULT_VARIANTS), metavar="A,B",
       help="variants in the grid (default stock,ours,onnxruntime)")
     a("--grid-points", type=_points, metavar="A-R,...", help="grid points instead of the paper's 16, e.g. 0.25-128")
     a("--grid-threads", type=int, help="thread count of the grid (default: the largest)")
