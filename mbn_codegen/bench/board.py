@@ -108,8 +108,7 @@ def peers(cfg, model: dict, board: dict, threads: list[int], say) -> dict:
 
 
 def measure(run) -> None:
-    """Upload each TVM variant of `run` (a run.Run), check its output, time it in interleaved blocks
-    of time_evaluator repeats; then merge the peers."""
+    """run.Run's TVM variants uploaded, checked and timed in blocks of time_evaluator repeats; peers merged."""
     import numpy as np
 
     from .._tvm import relax, tvm

@@ -233,30 +233,26 @@ def _save(ax, path: Path, title: str, xlabel: str, ylabel: str, log: str, **lege
     for axis in log:
         getattr(ax, f"set_{axis}scale")("log")
     ax.grid(which="both", alpha=0.3)
-    ax.legend(**{"fontsize": 8, **legend})
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**{"fontsize": 8, **legend})
     ax.figure.tight_layout()
     ax.figure.savefig(path, dpi=110)
     return path
 
 
 def e2e_plot(doc: dict, path: Path) -> Path | None:
-    entries = [e for e in doc["e2e"] if e["stats"]["n"]]
+    entries = sorted((e for e in doc["e2e"] if e["stats"]["n"]), key=lambda e: e["threads"])
     if not entries:
         return None
-    names, threads = list(dict.fromkeys(e["variant"] for e in entries)), sorted({e["threads"] for e in entries})
-    ax = Figure(figsize=(9, 0.5 * len(names) * len(threads) + 1.5)).subplots()
-    h = 0.8 / len(threads)
-    for e in entries:
-        s, j = e["stats"], threads.index(e["threads"])
-        y = names.index(e["variant"]) + (j - (len(threads) - 1) / 2) * h
-        ax.barh(y, s["median"], height=h * 0.9, color=f"C{j}", capsize=3,
-                xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]], label=f"{e['threads']} thread(s)")
+    ax = Figure(figsize=(9, 0.4 * len(entries) + 1.5)).subplots()
+    for y, e in enumerate(entries):
+        s = e["stats"]
+        ax.barh(y, s["median"], color=f"C{e['threads'] % 10}", capsize=3,
+                xerr=[[s["median"] - s["p10"]], [s["p90"] - s["median"]]])
         ax.text(s["p90"] * 1.05, y, f"{s['median']:.3g} ms", va="center", fontsize=8)
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(entries)), [f"{e['variant']}, {e['threads']} thread(s)" for e in entries])
     ax.invert_yaxis()
-    handles = {l: h_ for h_, l in zip(*ax.get_legend_handles_labels())}     # one entry per thread count
-    return _save(ax, path, "End to end, batch 1 fp32", "latency per image, ms (median, bars p10-p90)", "", "x",
-                 handles=list(handles.values()), labels=list(handles))
+    return _save(ax, path, "End to end, batch 1 fp32", "latency per image, ms (median, bars p10-p90)", "", "x")
 
 
 def layers_plot(doc: dict, t: int, path: Path) -> Path | None:
@@ -288,13 +284,10 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     ax.plot(xs, [min(P, x * B) for x in xs], "k-", lw=1.5, label=f"roof: FMA loop {P:.0f} GFLOP/s, triad {B:.1f} GB/s")
     ax.axvline(ridge, color="0.5", ls=":", lw=1, label=f"ridge point {ridge:.1f} FLOP/byte")
     names = list(dict.fromkeys(n for n, _ in pts))
-    for (name, c), x in zip(pts, ai):
-        ax.scatter(x, gflops(c), marker=MARKERS[names.index(name) % 7], s=36,
-                   color=KIND_COLORS[c["kind"]], edgecolors="black", linewidths=0.4)
-    for k in sorted({c["kind"] for _, c in pts}):
-        ax.scatter([], [], color=KIND_COLORS[k], label=k)
-    for i, n in enumerate(names):
-        ax.scatter([], [], color="white", edgecolors="black", marker=MARKERS[i % 7], label=f"variant {n}")
+    for n, k in dict.fromkeys((n, c["kind"]) for n, c in pts):       # marker: the variant, colour: the kind
+        xy = [(x, gflops(c)) for (m, c), x in zip(pts, ai) if (m, c["kind"]) == (n, k)]
+        ax.scatter(*zip(*xy), marker=MARKERS[names.index(n) % 7], s=36, color=KIND_COLORS[k], edgecolors="black",
+                   linewidths=0.4, label=f"{n}: {k}")
     return _save(ax, path, f"Roofline, {t} thread(s)", "arithmetic intensity, FLOP per byte (2 x mult-adds / bytes "
                  "of all kernel arguments)", "achieved GFLOP/s", "xy", fontsize=7, loc="upper left",
                  bbox_to_anchor=(1.01, 1.0))

@@ -207,7 +207,6 @@ class Run:
         return [v for v in self.vs if v.ok and kind in (None, v.kind)]
 
     def spec(self, v: Variant, t: int) -> dict:
-        """What a worker needs to load v at t threads."""
         return {**self.cfg.base_build(), "variant": v.name, "runtime": v.runtime, "threads": t, "artifact": v.artifact,
                 "spin": self.cfg.spin, **{k: self.model[k] for k in ("input", "reference", "onnx")}}
 
@@ -265,7 +264,7 @@ class Run:
             self.grid()
 
     def e2e(self, t: int, logs: Path) -> dict:
-        """Time the variants at t threads, each in its own worker, interleaved; returns the fence statistics."""
+        """The fence statistics of timing the variants at t threads, each in its own worker."""
         from .worker import fence, start_workers
 
         vs, workers = self.ok(), {}

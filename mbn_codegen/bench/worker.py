@@ -45,7 +45,7 @@ class Worker:
         self.proc.stdin.write(json.dumps(spec) + "\n")
 
     def request(self, cmd: dict | None = None) -> dict:
-        """Send cmd (None: only read the reply to the spec, the load); WorkerError if it failed or is gone."""
+        """cmd's reply; None: the spec's (the load)."""
         try:
             self.proc.stdin.write(json.dumps(cmd) + "\n" if cmd else "")
             self.proc.stdin.flush()
@@ -86,7 +86,6 @@ def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[Worker | None,
 
 
 def ask(spec: dict, cmd: dict, log_dir: Path) -> dict:
-    """A one-off worker's answer to cmd."""
     w = Worker(spec, log_dir)
     try:
         w.request()
@@ -96,8 +95,8 @@ def ask(spec: dict, cmd: dict, log_dir: Path) -> dict:
 
 
 def fence(workers) -> tuple[float, bool]:
-    """Wait until the workers' own CPU time (other users of a shared machine never let it go idle)
-    grows by less than FENCE_IDLE_CPU_S per window; returns (seconds waited, whether it timed out)."""
+    """(seconds waited, timed out) until our workers' CPU time stops growing: not the machine's, which
+    other users of a shared machine never let go idle."""
     t0, before = time.perf_counter(), sum(w.cpu_s() for w in workers)
     while True:
         time.sleep(FENCE_WINDOW_S)
