@@ -31,39 +31,105 @@ LLVM emits branches between the tile's loads.
 """
 from __future__ import annotations
 
+from mbn_codegen._tvm import tirx
+
 from .common import (OneSpaceRule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, lanes_for,
                      largest_divisor, tile)
 
 RULE = "mbn_depthwise"
 
 
-def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int) -> tuple[int, int, int]:
+CHAINS = 8                 # FMA latency x pipes: independent accumulators needed to keep the FMA pipes busy
+
+
+def live_inputs(y_in: int, x_in: int, f_in: int, stride: int) -> int:
+    """Input vectors a tile holds in registers at once, with the taps unrolled tap row by tap row
+    (per f-vector and tile row, a row of taps sweeps s * (x_in - 1) + 3 columns; the middle tap
+    reads x_in of them while, at stride 2, the x_in - 1 columns shared with the next output wait
+    for the third tap: s * (x_in - 1) + 1 live). At stride 1 the next tap row re-reads its rows
+    at once (LLVM reloads them), so one tile row's worth is live; at stride 2 the shared input
+    row comes back two tap rows later, so every tile row's worth is. Stride 3 shares nothing."""
+    rows = y_in if stride == 2 else 1
+    cols = stride * (x_in - 1) + 1 if stride <= 2 else x_in
+    return f_in * rows * cols
+
+
+def loads_per_output(y_in: int, x_in: int, stride: int) -> float:
+    return (stride * (y_in - 1) + 3) * (stride * (x_in - 1) + 3) / (y_in * x_in)
+
+
+def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int, stride: int = 1) -> tuple[int, int, int]:
     """(y_in, x_in, f_in): output pixels (rows x along a row) x vectors of channels in registers.
-    Among the tiles of up to registers / 2 accumulators (AVX2: 8 of 16; NEON, AVX-512: 16 of 32;
-    the rest holds the input vectors in flight and the weight of the tap), in order:
+    The tile fits the register file: accumulators + `live_inputs` + the tap weight <= registers,
+    and at most registers / 2 accumulators. Among those, in order:
     1. the most accumulators: each chains 9 dependent FMAs, and FMA latency x pipes needs >= 8
        chains in flight (Zen 3);
     2. a pixel's f_in vectors closest to one 64-byte cache line (2 x 2 x 2 beat 2 x 4 x 1 by 11
        points at 56x56, 1 x 4 x 2 by 8);
-    3. the fewest input vectors loaded per output, (y_in + 2)(x_in + 2) / (y_in x_in);
-    4. the squarer pixel block."""
-    best, key = (1, 1, 1), None
+    3. the fewest input vectors loaded per output, (s(y_in - 1) + 3)(s(x_in - 1) + 3) / (y_in x_in);
+    4. the squarer pixel block.
+    Stride 2: when a one-row tile of CHAINS accumulators fits (32 registers: 8 + 15 + 1), one
+    output row, the fewest loads first (the longest row), then the most accumulators; otherwise
+    (16 registers) 1, 3, 2, 4."""
+    fits = []
     for y_in in (d for d in range(1, min(y, 4) + 1) if y % d == 0):
         for x_in in (d for d in range(1, min(x, 8) + 1) if x % d == 0):
             for f_in in (d for d in range(1, min(f_vecs, 4) + 1) if f_vecs % d == 0):
                 acc = y_in * x_in * f_in
-                if acc > registers // 2:
-                    continue
-                k = (acc, -abs(f_in * lanes * 4 - 64), -(y_in + 2) * (x_in + 2) / (y_in * x_in), -abs(y_in - x_in))
-                if key is None or k > key:
-                    best, key = (y_in, x_in, f_in), k
+                if acc <= registers // 2 and acc + live_inputs(y_in, x_in, f_in, stride) + 1 <= registers:
+                    fits.append((y_in, x_in, f_in))
+
+    def acc(t):
+        return t[0] * t[1] * t[2]
+
+    def line(t):
+        return -abs(t[2] * lanes * 4 - 64)
+
+    def loads(t):
+        return -loads_per_output(t[0], t[1], stride)
+
+    def square(t):
+        return -abs(t[0] - t[1])
+
+    if stride == 1:
+        return max(fits, key=lambda t: (acc(t), line(t), loads(t), square(t)), default=(1, 1, 1))
+    if CHAINS + live_inputs(1, CHAINS, 1, stride) + 1 <= registers and any(t[0] == 1 for t in fits):
+        return max((t for t in fits if t[0] == 1), key=lambda t: (loads(t), acc(t), line(t), square(t)))
+    return max(fits, key=lambda t: (acc(t), line(t), loads(t), square(t), -live_inputs(*t, stride)),
+               default=(1, 1, 1))
+
+
+def conv_stride(block) -> tuple[int, int]:
+    """(stride along y, along x) of an NHWC conv block: the coefficient of its output row
+    (column) variable in the index of the input it reads."""
+    yv, xv = (block.iter_vars[i].var for i in (1, 2))
+    best = (1, 1)
+    for r in block.reads:
+        if len(r.region) == 4:
+            sy, sx = _coefficient(r.region[1].min, yv), _coefficient(r.region[2].min, xv)
+            best = max(best, (sy, sx))
     return best
+
+
+def _coefficient(e, var) -> int:
+    if isinstance(e, tirx.Var):
+        return int(e.same_as(var))
+    if isinstance(e, tirx.Cast):
+        return _coefficient(e.value, var)
+    if isinstance(e, (tirx.Add, tirx.Sub)):
+        a, b = _coefficient(e.a, var), _coefficient(e.b, var)
+        return a + b if isinstance(e, tirx.Add) else a - b
+    if isinstance(e, tirx.Mul):
+        for v, c in ((e.a, e.b), (e.b, e.a)):
+            if isinstance(c, tirx.IntImm):
+                return _coefficient(v, var) * int(c.value)
+    return 0
 
 
 def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     f_vecs = info["f"] // v
-    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v)
+    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v, info.get("stride", 1))
     return {"y": [info["y"] // y_in, y_in], "x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in]}
 
 
@@ -118,3 +184,7 @@ class Depthwise(OneSpaceRule):
     schedule_cuda = staticmethod(schedule_cuda)
     cpu_knobs = staticmethod(cpu_knobs)
     cuda_knobs = staticmethod(cuda_knobs)
+
+    def apply_default(self, sch, info: dict, target) -> str:
+        sy, sx = conv_stride(sch.get(sch.get_sblock(info["block"])))
+        return super().apply_default(sch, {**info, "stride": max(sy, sx)}, target)
