@@ -9,6 +9,11 @@ from pathlib import Path
 
 from ..errors import MbnError
 
+CPU = "/sys/devices/system/cpu"
+# What a stock tvm.exec.rpc_server lets us read without our board_info global: files with a size (no /proc).
+SYSFS = {"online": f"{CPU}/online", "governor": f"{CPU}/cpu0/cpufreq/scaling_governor",
+         "model": "/proc/device-tree/model", "max_khz": f"{CPU}/cpu0/cpufreq/cpuinfo_max_freq",
+         "midr": f"{CPU}/cpu0/regs/identification/midr_el1"}
 PEERS = {"onnxruntime": "ONNX Runtime (on the board)", "litert": "LiteRT / XNNPACK (on the board)"}
 EMULATED_NOTE = ("Timings come from qemu-aarch64 emulating the board on an x86 host: they say nothing about any "
                  "board's speed, and this report draws no comparison from them (plumbing check only).")
@@ -38,13 +43,6 @@ def connect(cfg, spec) -> tuple:
     rpc.check_tracker(host, port, cfg.rpc_key)
     remote = rpc.request_session(host, port, cfg.rpc_key)
     return (remote, *identity(remote))
-
-
-CPU = "/sys/devices/system/cpu"
-# What a stock tvm.exec.rpc_server lets us read without our board_info global: files with a size (no /proc).
-SYSFS = {"online": f"{CPU}/online", "governor": f"{CPU}/cpu0/cpufreq/scaling_governor",
-         "model": "/proc/device-tree/model", "max_khz": f"{CPU}/cpu0/cpufreq/cpuinfo_max_freq",
-         "midr": f"{CPU}/cpu0/regs/identification/midr_el1"}
 
 
 def _download(remote, path: str) -> str | None:

@@ -79,7 +79,6 @@ class Variant:
     label: str
     status: str = "ok"             # ok | unavailable | failed
     note: str = ""
-    build_kwargs: dict = field(default_factory=dict)
     database: str | None = None
     artifact: str | None = None
     runtime: str = "tvm"
@@ -107,7 +106,7 @@ def variants(cfg: BenchConfig, names: list[str]) -> list[Variant]:
             raise ValueError(f"unknown variant {name!r}: choose from {', '.join(ALL_VARIANTS)}")
         label, how = VARIANTS[name]
         if isinstance(how, dict):
-            v = Variant(name, "tvm", label, build_kwargs={**cfg.base_build(), **how}, database=dbs.get(name))
+            v = Variant(name, "tvm", label, database=dbs.get(name))
             out.append(v.unless(v.database and not Path(v.database).is_dir() and f"no database at {v.database}"))
         else:
             out.append(Variant(name, "peer", label, runtime=how).unless(
@@ -236,10 +235,11 @@ class Run:
         for v in self.ok("tvm"):
             self.say(f"{v.name}: {v.artifact}" if v.artifact else f"build {v.name} ...")
             try:
-                with open(logs / "build.log", "a") as lf:
-                    v.artifact = v.artifact or str(build(BuildConfig(
-                        **v.build_kwargs, database=v.database, out=str(self.out / "builds" / v.name)),
-                        log=lambda s: print(s, file=lf, flush=True)))
+                if not v.artifact:
+                    with open(logs / "build.log", "a") as lf:
+                        kw = {**cfg.base_build(), **VARIANTS[v.name][1], "database": v.database}
+                        v.artifact = str(build(BuildConfig(**kw, out=str(self.out / "builds" / v.name)),
+                                               log=lambda s: print(s, file=lf, flush=True)))
                 v.build_facts = {"kernels": read_manifest(v.artifact).get("kernels", [])}
             except Exception as e:
                 self.fail(v, f"build failed: {type(e).__name__}: {str(e)[:300]}")
@@ -288,22 +288,19 @@ class Run:
                 w.close()
 
     def interleave(self, t: int, timers: dict[str, Callable[[], list[float]]],
-                   fence: Callable[[], tuple[float, bool]] | None = None) -> dict:
+                   fence: Callable[[], float] | None = None) -> dict:
         """Each round times every variant once, a block of calls in a fresh random order, after `fence`
         has waited out the previous block's spinning pools; saved after every block, so an interruption
         loses at most one."""
-        from .worker import WorkerError
+        from .worker import FENCE_TIMEOUT_S, WorkerError
 
         series, rounds = {n: new_series(n, t) for n in timers}, self.cfg.rounds
         self.doc["e2e"] += series.values()
-        rng, waits, timeouts, t0 = random.Random(self.cfg.model.seed + t), [], 0, time.perf_counter()
+        rng, waits, t0 = random.Random(self.cfg.model.seed + t), [], time.perf_counter()
         for r in range(rounds):
             order = rng.sample(list(timers), len(timers))
             for n in order:
-                if fence:
-                    waited, late = fence()
-                    waits.append(waited)
-                    timeouts += late
+                waits += [fence()] if fence else []
                 try:
                     add_block(series[n], r, timers[n]())
                 except WorkerError as e:
@@ -315,7 +312,7 @@ class Run:
                      f"{el / (r + 1) * (rounds - r - 1):.0f} s left   " + "  ".join(
                          f"{n} {e['stats']['median']:.2f}" for n, e in series.items() if e["stats"]["n"]) + " ms")
         return {"blocks": len(waits), "median_wait_ms": float(np.median(waits) * 1e3) if waits else 0.0,
-                "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": timeouts}
+                "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": sum(w > FENCE_TIMEOUT_S for w in waits)}
 
     def layers(self, v: Variant, t: int, logs: Path) -> None:
         from .layers import layer_entry
