@@ -10,6 +10,10 @@ weight rows for the padded input channels, so whatever the padded channels hold 
 real output. Anything that mixes channels or reshapes (flatten, matmul, concat, ...) gets the
 real channels sliced back first. Cost: at most multiple - 1 extra channels per layer (9 -> 16 is
 the worst of alpha 0.3: 1.8x that layer's work on 8x wider vectors).
+
+`pad_columns` pads rows the same way for the register tile: a pointwise convolution whose row
+width leaves no tile of 8 accumulators (7x7 maps on AVX2) computes a few zero columns more and
+slices them off (see schedules/pointwise.py, `column_padding`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import contextlib
 
 import numpy as np
 
-from ._tvm import Constant, IRModule, relax, tvm
+from ._tvm import Constant, IRModule, dpl, relax, tvm
 
 # ops that act on each channel alone and keep channels on the last axis
 _UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
@@ -178,4 +182,30 @@ def pad_channels(mod: IRModule, multiple: int) -> IRModule:
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function) and _needs_padding(func, multiple):
             out[gv] = _pad_function(gv.name_hint, func, multiple)
+    return out
+
+
+def pad_columns(mod: IRModule, choose) -> IRModule:
+    """Every NHWC 1x1 stride-1 unpadded convolution with constant HWIO weights, computed on
+    `choose(height, width, out_channels)` more zero columns (conv padding on the right) and sliced
+    back to its width; others unchanged."""
+    conv = dpl.is_op("relax.nn.conv2d")(dpl.wildcard(), dpl.is_const())
+
+    def rewrite(expr, _m):
+        a, shape, w = expr.attrs, _shape(expr), _shape(expr.args[1])
+        if (a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or int(a.groups) != 1 or shape is None
+                or w is None or w[:2] != [1, 1] or any(int(v) != 1 for v in (*a.strides, *a.dilation))
+                or any(int(v) for v in a.padding)):
+            return expr
+        pad = choose(shape[1], shape[2], shape[3])
+        if not pad:
+            return expr
+        padded = relax.op.nn.conv2d(expr.args[0], expr.args[1], padding=(0, 0, 0, pad), data_layout="NHWC",
+                                    kernel_layout="HWIO", out_layout=a.out_layout, out_dtype=a.out_dtype)
+        return relax.op.strided_slice(padded, axes=[2], begin=[0], end=[shape[2]])
+
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = dpl.rewrite_call(conv, rewrite, func)
     return out

@@ -160,13 +160,17 @@ def _pad_channels(mod: IRModule, ctx: LowerContext) -> IRModule:
     """Channel counts that are not a multiple of the vector width (alpha 0.3 gives 10, 19, ...,
     307) padded to one, so our CPU schedules run them on full vectors, not scalars (see
     mbn_codegen/channel_pad.py). At most 8 lanes: AVX-512's 16 would pad MobileNet v2's 24-channel
-    layers by a third, and they already run on 8-lane vectors."""
+    layers by a third, and they already run on 8-lane vectors. Then pointwise rows too narrow for
+    a full register tile (7x7 maps on AVX2) get zero columns (`column_padding`)."""
     if ctx.layout != "NHWC" or ctx.device != "cpu":
         return mod
-    from .channel_pad import pad_channels
+    from .channel_pad import pad_channels, pad_columns
     from .schedules import simd
+    from .schedules.pointwise import column_padding
 
-    return pad_channels(mod, min(simd(ctx.target)[0], 8))
+    lanes, registers = simd(ctx.target)
+    mod = pad_channels(mod, min(lanes, 8))
+    return pad_columns(mod, lambda y, x, f: column_padding(y, x, f, lanes, registers))
 
 
 def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:
