@@ -28,6 +28,38 @@ the padded input materialised per row block (slower: an extra store per input el
 loop_partition of the border tiles (TVM 0.27 segfaults, or cannot reverse_compute_at the epilogue
 into the partitioned copies). The inlined padding remains the limit: its select guards a load, so
 LLVM emits branches between the tile's loads.
+
+Registers (`register_tile`, `live_inputs`): accumulators + the input vectors held at once + the
+tap's weight <= the vector registers. Per f-vector and tile row, a row of taps holds x_in inputs
+at stride 1 and 2 x_in - 1 at stride 2 (the x_in - 1 columns shared with the next output wait
+for the third tap); at stride 2 the input row a tile row shares with the next returns two tap
+rows later, so all y_in rows' worth are live (at stride 1 LLVM reloads them). NEON, 32: the
+stride-1 2 x 2 x 4 is 16 + 8 + 1 = 25; the old stride-2 2 x 2 x 4 was 16 + 4 x 2 x 3 + 1 = 41
+(15-21 spills); 1 x 8 x 1 is 8 + 15 + 1 = 24. AVX2, 16: the old stride-2 2 x 2 x 2 was 8 + 12 +
+1 = 21 (7 ymm spills), 2 x 1 x 2 is 4 + 4 + 1 = 9. Against the vector spills of 47 tiles tried
+(A72 and Zen 3 models, both strides) the count fits where LLVM did not spill and exceeds where it
+did, but for 2 x 4 x 2 and (at 112x112) 2 x 2 x 4 at stride 1 (fit, 2 spills), and 1 x 7 x 2,
+1 x 2 x 8 (NEON), 1 x 2 x 4, 1 x 7 x 1 at 7x7 (AVX2) at stride 2 (over, 0-2 spills). Stride-1
+choices are unchanged on NEON, AVX2 and AVX-512 (4-lane SSE: 1 x 2 x 4 -> 2 x 1 x 4, 17 > 16).
+Stride 2, 32 registers: one output row, the longest first. Two-row tiles that fit NEON's count
+still fall to 38-68% in the A72 report (2 x 2 x 2 51%, 2 x 4 x 1 68%, 2 x 1 x 4 38%; LLVM splits
+them around the padding guards and spills address registers), x_in = 2 to 45-52%; 1 x 8 x 1,
+1 x 7 x 1, 1 x 4 x 2: 76-77%, no spills. Stride 2, 16 registers: a one-row tile of 8 chains does
+not fit, the one-row tiles that do have 4 (1 x 4 x 1: 21-49% slower than 2 x 2 x 2 on Zen 3 at
+112->56, two runs), so the stride-1 order, ties to the fewer live inputs: 2 x 1 x 2 (1 x 1 x 4
+at 7x7).
+Static report, v1 1.0-224, stride-2 layers, % of the FMA peak / spills in the hot loop, old -> new:
+  Pi 4 (A72)  112->56: 46.2/21 -> 77.4/0   56->28: 49.1/17 -> 77.3/0   28->14: 46.7/15 -> 77.3/0
+              14->7: 77.6/0 -> 75.7/0 (1 x 7 x 2 -> 1 x 7 x 1); est. one core 99.2 -> 98.8 ms
+  Pi 3 (A53)  14.1/17 -> 19.0/0   14.4/16 -> 17.9/0   14.0/19 -> 17.0/0   18.2/6 -> 18.1/0;
+              est. 318.1 -> 317.1 ms
+  Pi 5 (A76)  as the Pi 4, 46.2-49.1/15-21 -> 77.3-77.4/0; est. 62.0 -> 61.7 ms
+  x86 (znver3 model, defaults without the shipped database, which serves all v1 1.0-224 depthwise
+  kernels): 85.3/21 (7 ymm) -> 69.8-74.1/7 (general registers only); 14->7: 91.4/0 -> 63.7/0.
+Measured instead on Zen 3 (1 thread, CPU time, min over 20 rounds, old and new interleaved, two
+runs, shared machine): 112->56 0.152/0.117 -> 0.127/0.112 ms, 56->28 0.076/0.059 -> 0.073/0.056,
+28->14 0.042/0.031 -> 0.038/0.035 (medians 0.046/0.045 -> 0.042/0.042), 14->7 0.035/0.028 ->
+0.027/0.021: LLVM's Zen 3 model of the two-row tiles is pessimistic.
 """
 from __future__ import annotations
 
@@ -70,7 +102,7 @@ def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int, strid
     4. the squarer pixel block.
     Stride 2: when a one-row tile of CHAINS accumulators fits (32 registers: 8 + 15 + 1), one
     output row, the fewest loads first (the longest row), then the most accumulators; otherwise
-    (16 registers) 1, 3, 2, 4."""
+    (16 registers) the order above, then the fewer live inputs."""
     fits = []
     for y_in in (d for d in range(1, min(y, 4) + 1) if y % d == 0):
         for x_in in (d for d in range(1, min(x, 8) + 1) if x % d == 0):
