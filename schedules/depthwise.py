@@ -56,6 +56,8 @@ Static report, v1 1.0-224, stride-2 layers, % of the FMA peak / spills in the ho
   Pi 5 (A76)  as the Pi 4, 46.2-49.1/15-21 -> 77.3-77.4/0; est. 62.0 -> 61.7 ms
   x86 (znver3 model, defaults without the shipped database, which serves all v1 1.0-224 depthwise
   kernels): 85.3/21 (7 ymm) -> 69.8-74.1/7 (general registers only); 14->7: 91.4/0 -> 63.7/0.
+  AVX-512 (one layer each, skylake-avx512 model, no such CPU here to time): 64.2/41 -> 61.5/0,
+  63.7/40 -> 61.7/0, 24.8/4 -> 61.7/0, 69.2/0 -> 63.5/0 (old 4 x 4 x 1, 4 x 4 x 1, 2 x 2 x 4, 1 x 7 x 2).
 Measured instead on Zen 3 (1 thread, CPU time, min over 20 rounds, old and new interleaved, two
 runs, shared machine): 112->56 0.152/0.117 -> 0.127/0.112 ms, 56->28 0.076/0.059 -> 0.073/0.056,
 28->14 0.042/0.031 -> 0.038/0.035 (medians 0.046/0.045 -> 0.042/0.042), 14->7 0.035/0.028 ->
