@@ -1,8 +1,9 @@
-"""Per-kernel timing of a built artifact, mapped to the ONNX graph's layers. The VM's instrument hook
-records every kernel call with its real arguments (TVM >= 0.24 has no VM profiler); each call is timed
-alone on them, in rounds interleaved with the whole model."""
+"""Per-kernel timing of a built artifact and of ONNX Runtime, mapped to the ONNX graph's layers: ours by
+the VM's instrument hook (TVM >= 0.24 has no VM profiler), ONNX Runtime by its own profiler, both inside
+whole runs of the model."""
 from __future__ import annotations
 
+import time
 from math import prod
 from pathlib import Path
 
@@ -12,6 +13,8 @@ KINDS = {"dw": "depthwise", "pw": "pointwise", "conv": "conv", "fc": "dense"}
 
 
 def measure_layers(artifact: str, x: np.ndarray, rounds: int) -> dict:
+    """Each kernel call timed inside whole runs of the model (clock read in the VM's instrument hook before
+    and after it), the way ONNX Runtime's profiler times its nodes; end to end by a VM without the hook."""
     from .._tvm import relax, tvm
     from ..runtime import read_manifest
 
@@ -19,26 +22,55 @@ def measure_layers(artifact: str, x: np.ndarray, rounds: int) -> dict:
     lib = tvm.runtime.load_module(str(Path(artifact) / read_manifest(artifact)["library"]["file"]))
     kernels, xt, vm = lib.imports[0], tvm.runtime.tensor(x, dev), relax.VirtualMachine(lib, dev)
     vm["main"](xt)                                # the first call allocates the pooled storage
-    calls = []
+    record, calls, clock = [True], [], []
 
     def hook(_func, sym, before, _ret, *args):
-        if before and kernels.implements_function(sym):
-            calls.append((sym, list(args)))
+        if kernels.implements_function(sym):
+            clock.append(time.perf_counter())
+            if before and record[0]:              # the first run names the calls and their arguments
+                calls.append((sym, list(args)))
         return 0                                  # VMInstrumentReturnKind.NO_OP
 
     vm.set_instrument(hook)
     vm["main"](xt)
-    timers = [relax.VirtualMachine(lib, dev).time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=5)]
-    timers += [kernels.time_evaluator(s, dev, number=1, repeat=1, min_repeat_ms=5) for s, _ in calls]
-    args = [[xt]] + [a for _, a in calls]
-    ms = np.array([[f(*a).mean * 1e3 for f, a in zip(timers, args)] for _ in range(rounds + 1)])[1:]   # 0: warm-up
-    return {"e2e_samples_ms": ms[:, 0].tolist(), "calls": [
+    record[0] = False
+    e2e_f = relax.VirtualMachine(lib, dev).time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=5)
+    e2e, per_call = [], []
+    for _ in range(rounds + 1):                   # round 0 warms up and is dropped below
+        e2e.append(e2e_f(xt).mean * 1e3)
+        clock.clear()
+        vm["main"](xt)
+        per_call.append(np.diff(clock)[::2] * 1e3)
+    ms = np.array(per_call[1:])
+    return {"e2e_samples_ms": e2e[1:], "calls": [
         {"index": i, "symbol": sym, "shapes": [[int(d) for d in a.shape] for a in ts],
          "bytes": sum(int(prod(a.shape)) * np.dtype(str(a.dtype)).itemsize for a in ts),
-         "samples_ms": ms[:, 1 + i].tolist()}
+         "samples_ms": ms[:, i].tolist()}
         for i, (sym, a) in enumerate(calls) for ts in [[t for t in a if hasattr(t, "shape")]]],
-        "method": f"instrument hook + time_evaluator per call (min_repeat_ms=5), {rounds} rounds interleaved with "
-                  "the whole model"}
+        "method": f"instrument hook: clock before and after each kernel call inside whole runs, {rounds} runs"}
+
+
+def measure_peer_layers(session_options, onnx_path: str, x: np.ndarray, rounds: int) -> dict:
+    """ONNX Runtime's own profiler, the peer's per-layer times: each node's kernel time in execution order
+    (its layout reorders are nodes of their own), over `rounds` runs after one warm-up run."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session_options.enable_profiling, session_options.profile_file_prefix = True, f"{tmp}/ort"
+        sess = ort.InferenceSession(onnx_path, session_options, providers=["CPUExecutionProvider"])
+        for _ in range(rounds + 1):
+            sess.run(None, {sess.get_inputs()[0].name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    runs = [e["dur"] / 1e3 for e in events if e.get("name") == "model_run"]
+    n = len(nodes) // (rounds + 1)
+    return {"e2e_samples_ms": runs[1:], "calls": [
+        {"index": i, "symbol": nodes[i]["name"][:-len("_kernel_time")], "op": nodes[i]["args"].get("op_name", ""),
+         "shapes": [], "bytes": 0, "samples_ms": [nodes[r * n + i]["dur"] / 1e3 for r in range(1, rounds + 1)]}
+        for i in range(n)], "method": f"ONNX Runtime's profiler (node kernel_time), {rounds} runs"}
 
 
 def onnx_layers(path) -> list[dict]:
@@ -88,9 +120,17 @@ def map_to_layers(calls: list[dict], kernels: list[dict], layers: list[dict]) ->
     return rows, None
 
 
-def layer_entry(m: dict, kernels: list[dict], layers: list[dict]) -> dict:
-    """measure_layers' samples as results.json's per-layer entry: calls mapped to the layers, medians, and
-    what end to end costs beyond the kernels (VM dispatch, allocations, copies)."""
+PEER_COMPUTE_OPS = {"Conv": "conv", "FusedConv": "conv", "Gemm": "dense", "FusedGemm": "dense", "MatMul": "dense",
+                    "FusedMatMul": "dense"}
+
+
+def layer_entry(m: dict, kernels: list[dict] | None, layers: list[dict]) -> dict:
+    """measure_layers' (or, without kernels, measure_peer_layers') samples as results.json's per-layer
+    entry: calls mapped to the layers, medians, and what end to end costs beyond the kernels (VM
+    dispatch, allocations, copies)."""
+    if kernels is None:                # a peer: its compute nodes, in order, are the layers
+        compute = [c for c in m["calls"] if c["op"] in PEER_COMPUTE_OPS]
+        kernels = [{"name": c["symbol"], "kind": KINDS[l["kind"]]} for c, l in zip(compute, layers)]
     rows, problem = map_to_layers(m["calls"], kernels, layers)
     src = {k.get("symbol", k["name"]): k.get("source") for k in kernels}
     for r in rows:

@@ -257,7 +257,7 @@ class Run:
                      f"triad {p['triad_gbs']:.1f} GB/s")
         for t in self.threads:
             doc["isolation"]["fence"][str(t)] = self.e2e(t, logs)
-        for v in self.ok("tvm") if cfg.layers else []:
+        for v in [*self.ok("tvm"), *(v for v in self.ok("peer") if v.runtime == "onnxruntime")] if cfg.layers else []:
             for t in self.threads:
                 self.layers(v, t, logs)
         if cfg.grid:
@@ -323,7 +323,8 @@ class Run:
             m = ask(self.spec(v, t), {"cmd": "layers", "rounds": self.cfg.layer_rounds}, logs)
         except WorkerError as e:
             return self.say(f"  failed: {e}")
-        e = {"variant": v.name, "threads": t, **layer_entry(m, v.build_facts["kernels"], self.doc["model"]["layers"])}
+        kernels = v.build_facts["kernels"] if v.kind == "tvm" else None
+        e = {"variant": v.name, "threads": t, **layer_entry(m, kernels, self.doc["model"]["layers"])}
         self.doc["layers"].append(e)
         self.save()
         c = e["consistency"]

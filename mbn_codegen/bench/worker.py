@@ -130,13 +130,19 @@ def _torch(spec):
     return run
 
 
-def _onnxruntime(spec):
+def _ort_options(spec):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
     o.intra_op_num_threads, o.inter_op_num_threads = spec["threads"], 1
     o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spec["spin"] else "0")
-    sess = ort.InferenceSession(spec["onnx"], o, providers=["CPUExecutionProvider"])
+    return o
+
+
+def _onnxruntime(spec):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(spec["onnx"], _ort_options(spec), providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
@@ -191,7 +197,9 @@ def _answer(spec: dict, cmd: dict | None, state: dict) -> dict:
     if cmd["cmd"] == "time":
         return {"samples_ms": time_calls(state["run"], state["x"], cmd["n"], cmd["warmup"])}
     if cmd["cmd"] == "layers":
-        from .layers import measure_layers
+        from .layers import measure_layers, measure_peer_layers
+        if spec["runtime"] == "onnxruntime":
+            return measure_peer_layers(_ort_options(spec), spec["onnx"], state["x"], cmd["rounds"])
         return measure_layers(spec["artifact"], state["x"], cmd["rounds"])
     from .. import targets
     from .peak import measure_peak
