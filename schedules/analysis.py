@@ -24,7 +24,35 @@ def _conv(b, ext) -> dict | None:
         return {"kind": "grouped", "layout": layout.upper(), "block": b.name_hint, **e}
     kind = "depthwise" if grouped else ("pointwise" if e["ry"] == e["rx"] == 1 else "conv")
     macs = e["n"] * e["y"] * e["x"] * e["f"] * e["ry"] * e["rx"] * e["rc"]
-    return {"kind": kind, "layout": layout.upper(), "block": b.name_hint, "macs": macs, **e}
+    return {"kind": kind, "layout": layout.upper(), "block": b.name_hint, "macs": macs,
+            "stride": max(conv_stride(b, layout)), **e}
+
+
+def conv_stride(b, layout: str = "nhwc") -> tuple[int, int]:
+    """(stride along y, along x) of a conv block: the coefficient of its output row (column)
+    variable in the index of the 4-D input it reads."""
+    iy, ix = (1, 2) if layout == "nhwc" else (2, 3)
+    yv, xv = b.iter_vars[iy].var, b.iter_vars[ix].var
+    best = (1, 1)
+    for r in b.reads:
+        if len(r.region) == 4:
+            best = max(best, (_coefficient(r.region[iy].min, yv), _coefficient(r.region[ix].min, xv)))
+    return best
+
+
+def _coefficient(e, var) -> int:
+    if isinstance(e, tirx.Var):
+        return int(e.same_as(var))
+    if isinstance(e, tirx.Cast):
+        return _coefficient(e.value, var)
+    if isinstance(e, (tirx.Add, tirx.Sub)):
+        a, b = _coefficient(e.a, var), _coefficient(e.b, var)
+        return a + b if isinstance(e, tirx.Add) else a - b
+    if isinstance(e, tirx.Mul):
+        for v, c in ((e.a, e.b), (e.b, e.a)):
+            if isinstance(c, tirx.IntImm):
+                return _coefficient(v, var) * int(c.value)
+    return 0
 
 
 def global_pool_shape(b) -> tuple[int, int] | None:

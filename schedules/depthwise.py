@@ -65,8 +65,6 @@ runs, shared machine): 112->56 0.152/0.117 -> 0.127/0.112 ms, 56->28 0.076/0.059
 """
 from __future__ import annotations
 
-from mbn_codegen._tvm import tirx
-
 from .common import (OneSpaceRule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, lanes_for,
                      largest_divisor, tile)
 
@@ -133,37 +131,10 @@ def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int, strid
                default=(1, 1, 1))
 
 
-def conv_stride(block) -> tuple[int, int]:
-    """(stride along y, along x) of an NHWC conv block: the coefficient of its output row
-    (column) variable in the index of the input it reads."""
-    yv, xv = (block.iter_vars[i].var for i in (1, 2))
-    best = (1, 1)
-    for r in block.reads:
-        if len(r.region) == 4:
-            sy, sx = _coefficient(r.region[1].min, yv), _coefficient(r.region[2].min, xv)
-            best = max(best, (sy, sx))
-    return best
-
-
-def _coefficient(e, var) -> int:
-    if isinstance(e, tirx.Var):
-        return int(e.same_as(var))
-    if isinstance(e, tirx.Cast):
-        return _coefficient(e.value, var)
-    if isinstance(e, (tirx.Add, tirx.Sub)):
-        a, b = _coefficient(e.a, var), _coefficient(e.b, var)
-        return a + b if isinstance(e, tirx.Add) else a - b
-    if isinstance(e, tirx.Mul):
-        for v, c in ((e.a, e.b), (e.b, e.a)):
-            if isinstance(c, tirx.IntImm):
-                return _coefficient(v, var) * int(c.value)
-    return 0
-
-
 def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
     f_vecs = info["f"] // v
-    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v, info.get("stride", 1))
+    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v, info["stride"])
     return {"y": [info["y"] // y_in, y_in], "x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in]}
 
 
@@ -218,7 +189,3 @@ class Depthwise(OneSpaceRule):
     schedule_cuda = staticmethod(schedule_cuda)
     cpu_knobs = staticmethod(cpu_knobs)
     cuda_knobs = staticmethod(cuda_knobs)
-
-    def apply_default(self, sch, info: dict, target) -> str:
-        sy, sx = conv_stride(sch.get(sch.get_sblock(info["block"])))
-        return super().apply_default(sch, {**info, "stride": max(sy, sx)}, target)

@@ -16,8 +16,8 @@ from mbn_codegen.asm_report import report
 from mbn_codegen.build import BuildConfig, build
 from mbn_codegen.lower import PHASES, LowerContext, import_onnx
 from mbn_codegen.runtime import read_manifest
-from mbn_codegen.schedules.analysis import analyze
-from mbn_codegen.schedules.depthwise import (CHAINS, Depthwise, conv_stride, cpu_knobs, live_inputs,
+from mbn_codegen.schedules.analysis import analyze, conv_stride
+from mbn_codegen.schedules.depthwise import (CHAINS, Depthwise, cpu_knobs, live_inputs,
                                              register_tile, schedule_cpu)
 
 from test_schedules import conv_module, fused, reference, run_cpu
