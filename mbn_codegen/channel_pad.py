@@ -187,7 +187,7 @@ def pad_channels(mod: IRModule, multiple: int) -> IRModule:
 
 def pad_columns(mod: IRModule, choose) -> IRModule:
     """Every NHWC 1x1 stride-1 unpadded convolution with constant HWIO weights, computed on
-    `choose(height, width, out_channels)` more zero columns (conv padding on the right) and sliced
+    `choose(height, width, out_channels, in_channels)` more zero columns (conv padding on the right) and sliced
     back to its width; others unchanged."""
     conv = dpl.is_op("relax.nn.conv2d")(dpl.wildcard(), dpl.is_const())
 
@@ -197,7 +197,7 @@ def pad_columns(mod: IRModule, choose) -> IRModule:
                 or w is None or w[:2] != [1, 1] or any(int(v) != 1 for v in (*a.strides, *a.dilation))
                 or any(int(v) for v in a.padding)):
             return expr
-        pad = choose(shape[1], shape[2], shape[3])
+        pad = choose(shape[1], shape[2], shape[3], w[2])
         if not pad:
             return expr
         padded = relax.op.nn.conv2d(expr.args[0], expr.args[1], padding=(0, 0, 0, pad), data_layout="NHWC",

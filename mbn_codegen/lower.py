@@ -170,7 +170,7 @@ def _pad_channels(mod: IRModule, ctx: LowerContext) -> IRModule:
 
     lanes, registers = simd(ctx.target)
     mod = pad_channels(mod, min(lanes, 8))
-    return pad_columns(mod, lambda y, x, f: column_padding(y, x, f, lanes, registers))
+    return pad_columns(mod, lambda y, x, f, c: column_padding(y, x, f, c, lanes, registers))
 
 
 def _legalize_fuse(mod: IRModule, ctx: LowerContext) -> IRModule:

@@ -65,16 +65,19 @@ def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int) -> tu
     return best
 
 
-def column_padding(y: int, x: int, f: int, lanes: int, registers: int, max_cost: float = 0.15) -> int:
+def column_padding(y: int, x: int, f: int, rc: int, lanes: int, registers: int, max_cost: float = 0.15) -> int:
     """Columns of zeros to add on the right of a pointwise layer's input (its output is sliced back)
     so that the register tile reaches 8 accumulators, or 0. AVX2's 16 registers and 7x7 maps: 7
     is prime, the best tile is 7 x 1 (7 accumulators; `reduction_chains` makes 14 of them, still
     one weight vector per 7 broadcasts); padded to 7 x 8 it is 1 x 4 x 2. At most `max_cost` more
     work (7 -> 8 is 14%). Zen 3, 1 thread, 7x7x1024->1024, per call interleaved with ONNX
     Runtime's Conv kernel (its profiler's time, without its layout reorders), on a busy machine:
-    1.42x -> 1.25-1.28x its time (2 chains -> padded). NEON and AVX-512 (32 registers) fit 7 x 2."""
+    1.42x -> 1.25-1.28x its time (2 chains -> padded). NEON and AVX-512 (32 registers) fit 7 x 2.
+    Only layers that take loop order 1 (weights over L2_SHARE, the 7x7 layers of v1, v2 and v3
+    large): under order 0 the sliced epilogue's bounds test lands on the parallel loop and TVM's
+    weight prepacking (RewriteLayout) rejects the kernel (v3 small's 14x14x96->40)."""
     v = lanes_for(f, lanes)
-    if _accumulators(register_tile(y, x, f // v, registers, v)) >= 8:
+    if rc * f * 4 <= L2_SHARE or _accumulators(register_tile(y, x, f // v, registers, v)) >= 8:
         return 0
     for pad in range(1, int(x * max_cost) + 1):
         if _accumulators(register_tile(y, x + pad, f // v, registers, v)) >= 8:

@@ -88,11 +88,12 @@ def test_alpha_0_3_runs_on_full_vectors_and_matches_onnxruntime(tmp_path):
 def test_column_padding_only_where_no_full_register_tile():
     from mbn_codegen.schedules.pointwise import column_padding
 
-    assert column_padding(7, 7, 1024, 8, 16) == 1        # AVX2: 7 x 1 x 1 -> 1 x 4 x 2 on 7 x 8
-    assert column_padding(7, 7, 1024, 4, 32) == 0        # NEON: 1 x 7 x 2 fits 32 registers
-    assert column_padding(7, 7, 1024, 16, 32) == 0       # AVX-512
-    assert column_padding(14, 14, 512, 8, 16) == 0       # 2 x 2 x 2 already
-    assert column_padding(5, 5, 256, 8, 16) == 0         # 5 -> 6 would cost 20% more work
+    assert column_padding(7, 7, 1024, 512, 8, 16) == 1     # AVX2: 7 x 1 x 1 -> 1 x 4 x 2 on 7 x 8
+    assert column_padding(7, 7, 1024, 512, 4, 32) == 0     # NEON: 1 x 7 x 2 fits 32 registers
+    assert column_padding(7, 7, 1024, 512, 16, 32) == 0    # AVX-512
+    assert column_padding(14, 14, 512, 512, 8, 16) == 0    # 2 x 2 x 2 already
+    assert column_padding(5, 5, 256, 256, 8, 16) == 0      # 5 -> 6 would cost 20% more work
+    assert column_padding(14, 14, 40, 96, 8, 16) == 0      # small weights: loop order 0, left alone
 
 
 def test_7x7_pointwise_on_a_zero_column_matches_numpy():
@@ -102,26 +103,26 @@ def test_7x7_pointwise_on_a_zero_column_matches_numpy():
     from mbn_codegen.lower import PHASES, LowerContext, build_module
 
     rng = np.random.default_rng(7)
-    w, b = rng.standard_normal((1, 1, 64, 32)).astype("float32"), rng.standard_normal((1, 1, 1, 32)).astype("float32")
+    w, b = rng.standard_normal((1, 1, 256, 256)).astype("float32"), rng.standard_normal((1, 1, 1, 256)).astype("float32")
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 7, 7, 64), "float32"))
+    x = relax.Var("x", relax.TensorType((1, 7, 7, 256), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), data_layout="NHWC", kernel_layout="HWIO"))
             out = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(b)))))
         bb.emit_func_output(out)
     mod = bb.get()
-    ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "x", (1, 7, 7, 64), layout="NHWC")
+    ctx = LowerContext(targets.load("x86_64").tvm_target(), "cpu", "x", (1, 7, 7, 256), layout="NHWC")
     for _, fn in PHASES[2:]:
         mod = fn(mod, ctx)
     [kernel] = [k for k in ctx.notes["kernels"] if k["macs"]]
     assert "strided_slice" in kernel["name"] and kernel["source"].startswith("ours-default:mbn_pointwise"), kernel
-    assert kernel["macs"] == 7 * 8 * 64 * 32                 # the zero column is computed, then dropped
+    assert kernel["macs"] == 7 * 8 * 256 * 256               # the zero column is computed, then dropped
     vm = relax.VirtualMachine(build_module(mod, ctx), tvm.cpu())
     outs = []
-    for xi in distinct_inputs((1, 7, 7, 64), 2, seed=8):
+    for xi in distinct_inputs((1, 7, 7, 256), 2, seed=8):
         got = vm["main"](tvm.runtime.tensor(xi)).numpy()
-        assert got.shape == (1, 7, 7, 32)
+        assert got.shape == (1, 7, 7, 256)
         np.testing.assert_allclose(got, np.maximum(xi @ w[0, 0] + b, 0), rtol=1e-4, atol=1e-4)
         outs.append(got)
     assert np.abs(outs[0] - outs[1]).max() > 1e-3
