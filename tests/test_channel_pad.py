@@ -97,13 +97,13 @@ def test_column_padding_only_where_no_full_register_tile():
 
 
 def test_7x7_pointwise_on_a_zero_column_matches_numpy():
-    """On AVX2 a 7x7 pointwise layer is computed 7 x 8 wide and sliced back in the same kernel;
+    """On AVX2 a 7x7 pointwise layer with weights over L2_SHARE is computed 7 x 8 wide and sliced back in the same kernel;
     the numbers are those of the unpadded layer, for inputs that change the output."""
     from mbn_codegen import targets
     from mbn_codegen.lower import PHASES, LowerContext, build_module
 
     rng = np.random.default_rng(7)
-    w, b = rng.standard_normal((1, 1, 256, 256)).astype("float32"), rng.standard_normal((1, 1, 1, 256)).astype("float32")
+    w, b = rng.standard_normal((1, 1, 256, 512)).astype("float32"), rng.standard_normal((1, 1, 1, 512)).astype("float32")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 7, 7, 256), "float32"))
     with bb.function("main", [x]):
@@ -117,12 +117,12 @@ def test_7x7_pointwise_on_a_zero_column_matches_numpy():
         mod = fn(mod, ctx)
     [kernel] = [k for k in ctx.notes["kernels"] if k["macs"]]
     assert "strided_slice" in kernel["name"] and kernel["source"].startswith("ours-default:mbn_pointwise"), kernel
-    assert kernel["macs"] == 7 * 8 * 256 * 256               # the zero column is computed, then dropped
+    assert kernel["macs"] == 7 * 8 * 256 * 512               # the zero column is computed, then dropped
     vm = relax.VirtualMachine(build_module(mod, ctx), tvm.cpu())
     outs = []
     for xi in distinct_inputs((1, 7, 7, 256), 2, seed=8):
         got = vm["main"](tvm.runtime.tensor(xi)).numpy()
-        assert got.shape == (1, 7, 7, 256)
+        assert got.shape == (1, 7, 7, 512)
         np.testing.assert_allclose(got, np.maximum(xi @ w[0, 0] + b, 0), rtol=1e-4, atol=1e-4)
         outs.append(got)
     assert np.abs(outs[0] - outs[1]).max() > 1e-3
