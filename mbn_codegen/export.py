@@ -14,18 +14,13 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export_onnx(model, path: str | os.PathLike, resolution: int | None = None,
-                do_constant_folding: bool = True, *, fold_batchnorm: bool | None = None) -> Path:
+                do_constant_folding: bool = True) -> Path:
     """Export an eval-mode model with input (1, 3, R, R) float32 NCHW, then check it.
 
     do_constant_folding is torch.onnx.export's: False leaves BatchNormalization nodes in the graph
     (as many users' ONNX files have them), which exercises our own Relax BN-folding phase.
-    fold_batchnorm: its old name, still accepted from callers not yet renamed.
     """
     import torch
-
-    if fold_batchnorm is not None:
-        warnings.warn("export_onnx(fold_batchnorm=) is now do_constant_folding=", DeprecationWarning, stacklevel=2)
-        do_constant_folding = fold_batchnorm
 
     res = resolution or getattr(model, "resolution", 224)
     path = Path(path)

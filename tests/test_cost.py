@@ -122,7 +122,7 @@ def test_separable_ratio():
     (0.25, 128, 1000, True), (0.25, 64, 1000, False), (0.6, 96, 37, True), (1.0, 224, 1000, True)])
 def test_onnx_count_matches(tmp_path, alpha, resolution, num_classes, fold):
     model = create("mobilenet_v1", alpha, resolution, num_classes)
-    path = export_onnx(model, tmp_path / "m.onnx", fold_batchnorm=fold)
+    path = export_onnx(model, tmp_path / "m.onnx", do_constant_folding=fold)
     counted = onnx_mult_adds(path)
     report = cost_model(alpha, resolution, num_classes)
     expected = {k: c.mult_adds for k, c in report.by_kind().items()}
