@@ -65,6 +65,14 @@ def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int) -> tu
     return best
 
 
+def loop_order(rc: int, f: int) -> int:
+    """Order 0 re-reads all the weights for every block of pixels, order 1 keeps a weight panel in
+    cache and re-reads the input per block of channels. Weights that fit a core's share of L2
+    (256 KiB: Zen 3 has 512 KiB, a Pi 4's A72s share 1 MiB) cost little to re-read; larger ones
+    (14x14 layers: 1 MiB, 7x7: 2-4 MiB) came from L3 98 times per layer with order 0."""
+    return 1 if rc * f * 4 > L2_SHARE else 0
+
+
 def column_padding(y: int, x: int, f: int, rc: int, lanes: int, registers: int, max_cost: float = 0.15) -> int:
     """Columns of zeros to add on the right of a pointwise layer's input (its output is sliced back)
     so that the register tile reaches 8 accumulators, or 0. AVX2's 16 registers and 7x7 maps: 7
@@ -77,7 +85,7 @@ def column_padding(y: int, x: int, f: int, rc: int, lanes: int, registers: int, 
     large): under order 0 the sliced epilogue's bounds test lands on the parallel loop and TVM's
     weight prepacking (RewriteLayout) rejects the kernel (v3 small's 14x14x96->40)."""
     v = lanes_for(f, lanes)
-    if rc * f * 4 <= L2_SHARE or _accumulators(register_tile(y, x, f // v, registers, v)) >= 8:
+    if loop_order(rc, f) == 0 or _accumulators(register_tile(y, x, f // v, registers, v)) >= 8:
         return 0
     for pad in range(1, int(x * max_cost) + 1):
         if _accumulators(register_tile(y, x + pad, f // v, registers, v)) >= 8:
@@ -94,11 +102,7 @@ def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     f_vecs = info["f"] // v
     y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v)
     kc = largest_divisor(info["rc"], 64)
-    # order 0 re-reads all the weights for every block of pixels, order 1 keeps a weight panel in
-    # cache and re-reads the input per block of channels. Weights that fit a core's share of L2
-    # (256 KiB: Zen 3 has 512 KiB, a Pi 4's A72s share 1 MiB) cost little to re-read; larger ones
-    # (14x14 layers: 1 MiB, 7x7: 2-4 MiB) came from L3 98 times per layer with order 0.
-    order = 1 if info["rc"] * info["f"] * 4 > L2_SHARE else 0
+    order = loop_order(info["rc"], info["f"])
     chains = reduction_chains(y_in * x_in * f_in, f_in, info["rc"], registers)
     return {"y": [info["y"] // y_in, y_in], "x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in],
             "rc": [info["rc"] // kc, kc // chains], "order": order, "chains": chains}

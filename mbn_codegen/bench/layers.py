@@ -22,18 +22,21 @@ def measure_layers(artifact: str, x: np.ndarray, rounds: int) -> dict:
     lib = tvm.runtime.load_module(str(Path(artifact) / read_manifest(artifact)["library"]["file"]))
     kernels, xt, vm = lib.imports[0], tvm.runtime.tensor(x, dev), relax.VirtualMachine(lib, dev)
     vm["main"](xt)                                # the first call allocates the pooled storage
-    record, calls, clock = [True], [], []
+    calls, clock = [], []
 
-    def hook(_func, sym, before, _ret, *args):
-        if kernels.implements_function(sym):
-            clock.append(time.perf_counter())
-            if before and record[0]:              # the first run names the calls and their arguments
-                calls.append((sym, list(args)))
+    def record(_func, sym, before, _ret, *args):    # one run names the kernel calls and their arguments
+        if before and kernels.implements_function(sym):
+            calls.append((sym, list(args)))
         return 0                                  # VMInstrumentReturnKind.NO_OP
 
-    vm.set_instrument(hook)
+    def stamp(_func, sym, _before, _ret, *_args):
+        if kernels.implements_function(sym):
+            clock.append(time.perf_counter())
+        return 0
+
+    vm.set_instrument(record)
     vm["main"](xt)
-    record[0] = False
+    vm.set_instrument(stamp)
     e2e_f = relax.VirtualMachine(lib, dev).time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=5)
     e2e, per_call = [], []
     for _ in range(rounds + 1):                   # round 0 warms up and is dropped below
@@ -130,7 +133,9 @@ def layer_entry(m: dict, kernels: list[dict] | None, layers: list[dict]) -> dict
     dispatch, allocations, copies)."""
     if kernels is None:                # a peer: its compute nodes, in order, are the layers
         compute = [c for c in m["calls"] if c["op"] in PEER_COMPUTE_OPS]
-        kernels = [{"name": c["symbol"], "kind": KINDS[l["kind"]]} for c, l in zip(compute, layers)]
+        kinds = ([KINDS[l["kind"]] for l in layers] if len(compute) == len(layers) else
+                 [PEER_COMPUTE_OPS[c["op"]] for c in compute])     # a count mismatch is reported below
+        kernels = [{"name": c["symbol"], "kind": k} for c, k in zip(compute, kinds)]
     rows, problem = map_to_layers(m["calls"], kernels, layers)
     src = {k.get("symbol", k["name"]): k.get("source") for k in kernels}
     for r in rows:

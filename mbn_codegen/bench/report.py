@@ -109,8 +109,8 @@ def _layers(doc: dict, t: int) -> str:
     entries = [e for e in doc["layers"] if e["threads"] == t]
     mapped, out = [e for e in entries if not e["mapping_problem"]], ""
     if mapped:
-        ours = [e for e in mapped if any(c.get("source") for c in e["calls"])] or mapped
-        ref = min(ours, key=lambda e: e["consistency"]["e2e_ms"])
+        tvm = {v["name"] for v in doc["variants"] if v["kind"] == "tvm"}
+        ref = min([e for e in mapped if e["variant"] in tvm] or mapped, key=lambda e: e["consistency"]["e2e_ms"])
         by = {e["variant"]: {c["layer"]: c for c in e["calls"] if c["layer"]} for e in mapped}
         out += _table(["layer", "type", "shape", "MMACs", *[f"{n} ms" for n in by], f"{ref['variant']} GFLOP/s",
                        "% of FMA peak", "schedule"],

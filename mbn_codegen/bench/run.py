@@ -96,7 +96,7 @@ class Variant:
 
 
 def variants(cfg: BenchConfig, names: list[str]) -> list[Variant]:
-    from ..tuning import database_dir
+    from ..database import database_dir
 
     dbs = {"ours-tuned": cfg.database or str(database_dir(cfg.target, "ours")),
            "metaschedule": cfg.ms_database or str(database_dir(cfg.target, "generic"))}
@@ -152,6 +152,7 @@ class Run:
         import psutil
 
         from .. import targets
+        from ..database import summary
         from ..errors import MbnError
         from ..runtime import machine_arch
         from .results import FORMAT, provenance
@@ -175,9 +176,7 @@ class Run:
         for v in self.vs:
             if v.database and v.ok:      # build from a copy: a tuner may be appending to the original
                 v.database = str(shutil.copytree(v.database, out / "databases" / v.name, dirs_exist_ok=True))
-                records = sum(sum(1 for line in open(f, "rb") if line.strip())
-                              for f in Path(v.database).rglob("*tuning_record*.json"))
-                v.label += f" ({records} trials)"
+                v.label += f" ({summary(v.database).records} trials)"
         self.doc = {
             "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": self.threads, "out": str(out)},
             "provenance": provenance(spec), "peak": [], "variants": [], "e2e": [], "layers": [], "grid": [],
