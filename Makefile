@@ -46,7 +46,7 @@ help:
 	@echo "make bench TARGET=arm64 RPC_TRACKER=host:9190 RPC_KEY=rpi4   the same, timed on the board (end to end)"
 	@echo "make bundle TARGET=arm64 [ARTIFACT=dir BOARD_PYTHON=3.11]   one .tar.gz for an offline board:"
 	@echo "                                 artifact + runtime wheels + install.sh (default ARTIFACT: make build's)"
-	@echo "make gpu-check [GPU_CHECK_ARGS=--dry-run]   (GPU machine) build cuda for its arch, ours vs dlight vs stock vs PyTorch"
+	@echo "make gpu-check [GPU_CHECK_ARGS=--dry-run|--prebuilt DIR]   (GPU machine) cuda: ours vs dlight vs stock vs PyTorch"
 	@echo "make cost ALPHA=0.5 RES=160      the paper's cost model, per layer"
 	@echo "make targets                     list the target files"
 	@echo "make apt-deps                    (root) qemu-user + aarch64 cross compiler, for arm64 builds and tests"

@@ -83,7 +83,7 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
         choice = ctx.kernel_timings                          # CUDA: ours or dlight, per kernel
         for gv, f in list(mod.functions.items()):
             if isinstance(f, tirx.PrimFunc) and not _scheduled(f):
-                pick, why = choice.pick(gv.name_hint) if choice else ("ours", "")
+                pick, why = choice.pick(kinds.get(gv.name_hint), macs.get(gv.name_hint)) if choice else ("ours", "")
                 if pick == "dlight":
                     source[gv.name_hint] = f"dlight:{why}"
                     continue

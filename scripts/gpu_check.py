@@ -3,8 +3,12 @@ our schedules and with dlight, run the gpu-marked tests, and time ours vs dlight
 PyTorch end to end (and ours vs dlight per kernel) on MobileNet v1. Writes JSON + Markdown under
 benchmarks/results/gpu-<date>/. A step that fails is recorded in the report, not fatal.
 
---dry-run (or no GPU with --dry-run): build the artifacts for --arch and stop. Without a GPU and
-without --dry-run: exit 3 with a message. Uses only what is installed (no network).
+--dry-run (or no GPU with --dry-run): build the artifacts for --arch, compute ONNX Runtime's outputs
+for three distinct inputs (reference.npz), and stop. Without a GPU and without --dry-run: exit 3.
+--prebuilt DIR: run a dry run's artifacts on a GPU machine that has only the runtime (numpy,
+apache-tvm-ffi and the wheel's libtvm_runtime*.so; no TVM compiler, no onnx): each is checked
+against reference.npz and timed; the gpu-marked tests, which compile, are not run. This is the
+deployment path: build on the workstation, run on the GPU box. Uses only what is installed.
 """
 from __future__ import annotations
 
@@ -73,26 +77,30 @@ class Report:
         for k, v in self.doc["steps"].items():
             note = v.get("error", "") if not v["ok"] else ""
             lines.append(f"| {k} | {'yes' if v['ok'] else 'NO'} | {v['seconds']} | {note[:160]} |")
-        e2e = self.doc["steps"].get("end-to-end", {}).get("result") or {}
-        if e2e:
-            lines += ["", "End to end, MobileNet v1 1.0-224 batch 1 (median ms):", ""]
-            lines += [f"- {k}: {v}" for k, v in e2e.items()]
+        for step, v in self.doc["steps"].items():
+            if step.startswith("end-to-end") and v.get("result"):
+                what = step.removeprefix("end-to-end").strip() or self.doc.get("model", "")
+                lines += ["", f"End to end, {what} (batch 1), host array in and out (median ms):", ""]
+                lines += [f"- {k}: {t}" for k, t in v["result"].items()]
         for note in self.doc.get("notes", []):
             lines.append(f"- note: {note}")
         (self.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
 
 
-def build(target: Path, out: Path, kernels: str | None, schedules: str, alpha: float, res: int) -> dict:
+def build(target: Path, out: Path, kernels: str | None, schedules: str, alpha: float, res: int,
+          model: str = "mobilenet_v1") -> dict:
     from mbn_codegen.build import BuildConfig, build as do_build
 
     env_old = os.environ.get("MBN_CUDA_KERNELS")
+    # the build looks for timings under the target's name; this target is `cuda` with another arch
+    os.environ.setdefault("MBN_CUDA_KERNEL_TIMINGS", str(ROOT / "targets" / "databases" / "cuda" / "kernel_timings.json"))
     if kernels:
         os.environ["MBN_CUDA_KERNELS"] = kernels
     else:
         os.environ.pop("MBN_CUDA_KERNELS", None)
     try:
-        art = do_build(BuildConfig(alpha=alpha, resolution=res, target=str(target), schedules=schedules,
-                                   out=str(out)), log=lambda s: print("   " + s, flush=True))
+        art = do_build(BuildConfig(model=model, alpha=alpha, resolution=res, target=str(target),
+                                   schedules=schedules, out=str(out)), log=lambda s: print("   " + s, flush=True))
     finally:
         if env_old is None:
             os.environ.pop("MBN_CUDA_KERNELS", None)
@@ -102,32 +110,136 @@ def build(target: Path, out: Path, kernels: str | None, schedules: str, alpha: f
     return {"artifact": str(art), "gpu": man["gpu"], "compile_s": man["phase_seconds"].get("compile")}
 
 
+REFERENCE = "reference.npz"
+
+
+def write_reference(art: Path, out: Path, res: int) -> dict:
+    """ONNX Runtime's logits (CPU) for three distinct inputs, so that a GPU machine with only the
+    runtime can check the artifacts (all variants share the model, hence one reference)."""
+    import numpy as np
+    from mbn_codegen.export import onnxruntime_run
+
+    rng = np.random.default_rng(0)
+    xs = np.stack([rng.standard_normal((1, 3, res, res)).astype("float32") for _ in range(3)])
+    ys = np.stack([onnxruntime_run(art / "model.onnx", x) for x in xs])
+    np.savez(out / REFERENCE, inputs=xs, outputs=ys)
+    return {"inputs": len(xs), "spread": float(np.abs(ys[0] - ys[1]).max())}
+
+
+def check_against_reference(art: str, ref: Path, rtol: float = 1e-3, atol_frac: float = 1e-3) -> dict:
+    """The artifact on the GPU against ONNX Runtime's logits: the tests' tolerance (rtol 1e-3, atol
+    1e-3 of the largest logit); the outputs must also differ between inputs, or agreement proves
+    nothing."""
+    import numpy as np
+    from mbn_codegen.runtime import load
+
+    m = load(art)
+    if m.device != "cuda":
+        raise RuntimeError(f"{art} is a {m.device} artifact, not cuda")
+    d = np.load(ref)
+    worst, outs = 0.0, []
+    for x, want in zip(d["inputs"], d["outputs"]):
+        got = m.run(x)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol_frac * float(np.abs(want).max()))
+        worst = max(worst, float(np.abs(got - want).max()))
+        outs.append(got)
+    spread = float(np.abs(outs[0] - outs[1]).max())
+    if spread < 1e-2 * float(np.abs(outs[0]).max()):
+        raise AssertionError(f"outputs for different inputs differ by only {spread:.3g}: dead activations")
+    return {"max_abs_err": worst, "selfcheck": m.selfcheck()["ok"], "output_spread": spread}
+
+
+def two_threads(art: str, ref: Path, calls: int = 20) -> dict:
+    """One Model called from two threads at once (the runtime serialises them): every result
+    must still be the logits of its own input."""
+    import threading
+
+    import numpy as np
+    from mbn_codegen.runtime import load
+
+    m = load(art)
+    with np.load(ref) as d:                    # an NpzFile is not safe to read from two threads
+        inputs, outputs = d["inputs"], d["outputs"]
+    bad: list[str] = []
+
+    def worker(i):
+        try:
+            for _ in range(calls):
+                got = m.run(inputs[i])
+                if not np.allclose(got, outputs[i], rtol=1e-3, atol=1e-3 * float(np.abs(outputs[i]).max())):
+                    bad.append(f"thread {i}: max error {float(np.abs(got - outputs[i]).max()):.3g}")
+        except Exception as e:          # noqa: BLE001 - a thread's exception is otherwise only printed
+            bad.append(f"thread {i}: {type(e).__name__}: {e}")
+    ts = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if bad:
+        raise AssertionError("; ".join(bad[:4]))
+    return {"threads": 2, "calls_each": calls}
+
+
 def time_e2e(artifacts: dict, res: int, rounds: int = 7, block: int = 50) -> dict:
-    """Interleaved blocks per variant, medians of the per-call block means (ms)."""
+    """Interleaved blocks per variant, medians of the per-call block means (ms). Every variant
+    takes a host array and returns host logits (the copies in and out are timed for all), except
+    the "device in/out" row: the first artifact on an input already on the GPU, up to a stream
+    sync, which separates the VM and its kernels from the copies."""
     import numpy as np
     from mbn_codegen.runtime import load
 
     x = np.random.default_rng(0).standard_normal((1, 3, res, res)).astype("float32")
+    model = json.loads((Path(next(iter(artifacts.values()))) / "manifest.json").read_text())["model"]
     runs = {}
     for name, art in artifacts.items():
         m = load(art)
         m.run(x)
         runs[name] = m.run
+    first = load(next(iter(artifacts.values())))
+    ffi = first._ffi
+    dev_x = ffi.get_global_func("runtime.TVMTensorAllocWithScope")(ffi.Shape(x.shape), ffi.dtype("float32"),
+                                                                   first._dev, "global")
+    ffi.get_global_func("runtime.TVMTensorCopyFromTo")(ffi.from_dlpack(x), dev_x)
+    sync = ffi.get_global_func("runtime.Device_StreamSync")
+
+    def resident(_x, main=first._main, dev=first._dev):
+        y = main(dev_x)
+        sync(dev, 0)
+        return y
+    runs[f"{next(iter(artifacts))} (device in/out)"] = resident
     try:
         import torch
         if torch.cuda.is_available():
             from mbn_codegen.models import create
-            tm = create("mobilenet_v1", 1.0, res).eval().cuda()
-            xt = torch.from_numpy(x).cuda()
+            tm = create(model["name"], model["alpha"], res).eval().cuda()
             torch.backends.cudnn.benchmark = True
 
-            def torch_run(_x, tm=tm, xt=xt):
+            def torch_run(x, tm=tm):
                 with torch.no_grad():
-                    y = tm(xt)
-                torch.cuda.synchronize()
-                return y
+                    return tm(torch.from_numpy(x).cuda()).cpu().numpy()
             torch_run(x)
             runs["pytorch-cudnn"] = torch_run
+            # PyTorch's lowest-overhead form: the whole forward captured once as a CUDA graph
+            static_x = torch.from_numpy(x).cuda()
+            with torch.no_grad():
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        tm(static_x)
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_y = tm(static_x)
+
+            def torch_graph(x):
+                static_x.copy_(torch.from_numpy(x))
+                graph.replay()
+                return static_y.cpu().numpy()
+            want = torch_run(x)
+            if not np.allclose(torch_graph(x), want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max())):
+                raise AssertionError("the CUDA graph's logits differ from eager PyTorch's")
+            runs["pytorch-cudnn-cudagraph"] = torch_graph
     except ImportError:
         pass
     samples = {k: [] for k in runs}
@@ -141,17 +253,17 @@ def time_e2e(artifacts: dict, res: int, rounds: int = 7, block: int = 50) -> dic
 
 
 def time_kernels(art: str, res: int) -> dict:
-    """Per-kernel GPU time (ms) of one artifact: the VM's instrument hook collects each kernel call
-    and its arguments, then each is timed with time_evaluator on the GPU."""
-    import numpy as np
-    from mbn_codegen._tvm import relax, tvm
+    """Per-kernel GPU time (ms) of one artifact, with the runtime alone: the VM's instrument hook
+    collects each kernel call and its arguments, then the runtime's time evaluator (what
+    `Module.time_evaluator` wraps) runs each 20 x 5 times on the GPU; the median of the 5."""
+    import struct
 
-    man = json.loads((Path(art) / "manifest.json").read_text())
-    dev = tvm.cuda(0)
-    lib = tvm.runtime.load_module(str(Path(art) / man["library"]["file"]))
-    vm = relax.VirtualMachine(lib, dev)
-    xt = tvm.runtime.tensor(np.zeros((1, 3, res, res), "float32"), dev)
-    vm["main"](xt)
+    import numpy as np
+    from mbn_codegen.runtime import _DEVICE_TYPE, load
+
+    m = load(art)
+    x = np.zeros((1, 3, res, res), "float32")
+    m.run(x)
     calls = []
 
     def hook(_func, sym, before, _ret, *args):
@@ -159,20 +271,24 @@ def time_kernels(art: str, res: int) -> dict:
             calls.append((sym, list(args)))
         return 0
 
-    vm.set_instrument(hook)
-    vm["main"](xt)
-    symbols = {k["symbol"]: k["name"] for k in man["kernels"]}
+    m._vm["set_instrument"](hook)
+    m.run(x)
+    symbols = {k["symbol"]: k["name"] for k in m.manifest["kernels"]}
+    evaluator = m._ffi.get_global_func("runtime.RPCTimeEvaluator")
+    # the evaluator looks the symbol up in the module given, not its imports: find its holder
+    tree, mods = [], [m._lib.module]
+    while mods:
+        tree.append(mods.pop())
+        mods += list(tree[-1].imports)
     out: dict[str, float] = {}
-    for mod in [lib] + list(lib.imports):
-        for sym, args in calls:
-            name = symbols.get(sym)
-            if name is None or name in out:
-                continue
-            try:
-                f = mod.time_evaluator(sym, dev, number=20, repeat=5)
-                out[name] = round(float(np.median(f(*args).results)) * 1e3, 5)
-            except Exception:   # noqa: BLE001 - the symbol lives in another module of the tree
-                continue
+    for sym, args in calls:
+        name = symbols.get(sym)
+        holder = next((mod for mod in tree if mod.implements_function(sym)), None)
+        if name is None or name in out or holder is None:
+            continue
+        # number 20, repeat 5, min_repeat_ms 0, limit_zero_time_iterations 100, no cooldown, no flush
+        f = evaluator(holder, sym, _DEVICE_TYPE[m.device], 0, 20, 5, 0, 100, 0, 1, 0, "")
+        out[name] = round(float(np.median(struct.unpack("@5d", f(*args)))) * 1e3, 5)
     return out
 
 
@@ -184,6 +300,11 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--also", default="", metavar="MODELS",
+                    help="more models (comma-separated registry names, e.g. mobilenet_v2,mobilenet_v3_large) "
+                         "built as the default variant, checked by their built-in reference and timed")
+    ap.add_argument("--prebuilt", default=None, metavar="DIR",
+                    help="a dry run's output folder: check and time its artifacts with the runtime alone")
     args = ap.parse_args(argv)
 
     smi, gpu_arch, driver_cuda = nvidia_smi()
@@ -199,20 +320,46 @@ def main(argv=None) -> int:
     rep = Report(out)
     rep.doc.update({"date": date, "arch": arch, "driver_cuda": driver_cuda, "nvidia_smi": smi,
                     "gpu": smi.strip().splitlines()[-1] if gpu_arch else None, "dry_run": args.dry_run,
-                    "model": f"mobilenet_v1 {args.alpha:g}-{args.resolution} batch 1", "notes": []})
+                    "model": f"mobilenet_v1 {args.alpha:g}-{args.resolution}", "notes": []})
+    extras: dict[str, str] = {}
     target = target_file(arch, out)
     res = args.resolution
     arts = {}
-    for name, kernels, schedules in (("ours", "ours", "ours"), ("dlight", "dlight", "ours"),
-                                     ("tvm-stock", None, "stock")):
-        r = rep.step(f"build {name}", lambda k=kernels, s=schedules, n=name:
-                     build(target, out / f"art-{n}", k, s, args.alpha, res))
-        if r:
-            arts[name] = r["artifact"]
+    # default: what `mbn-codegen build --target cuda` gives (per kernel the faster of ours and
+    # dlight by the committed GPU timings); ours / dlight: one side for every kernel
+    variants = (("default", None, "ours"), ("ours", "ours", "ours"), ("dlight", "dlight", "ours"),
+                ("tvm-stock", None, "stock"))
+    if args.prebuilt:
+        pre = Path(args.prebuilt)
+        arts = {n: str(pre / f"art-{n}") for n, _, _ in variants if (pre / f"art-{n}" / "manifest.json").is_file()}
+        extras = {d.name[4:]: str(d) for d in sorted(pre.glob("art-*"))
+                  if d.name[4:] not in arts and (d / "manifest.json").is_file()}
+        reference = pre / REFERENCE
+        if not arts or not reference.is_file():
+            print(f"gpu-check: {pre} holds no art-*/ or no {REFERENCE}: make it with --dry-run", file=sys.stderr)
+            return 2
+        built = {json.loads((Path(a) / "manifest.json").read_text())["gpu"]["cuda_arch"] for a in arts.values()}
+        rep.doc["notes"].append(f"prebuilt artifacts from {pre} (built for {sorted(map(str, built))}); "
+                                "the gpu-marked tests compile, so they are not run here")
+    else:
+        for name, kernels, schedules in variants:
+            r = rep.step(f"build {name}", lambda k=kernels, s=schedules, n=name:
+                         build(target, out / f"art-{n}", k, s, args.alpha, res))
+            if r:
+                arts[name] = r["artifact"]
+        extras = {}
+        for model in filter(None, args.also.split(",")):
+            r = rep.step(f"build {model}", lambda m=model: build(target, out / f"art-{m}", None, "ours",
+                                                                  1.0, res, model=m))
+            if r:
+                extras[model] = r["artifact"]
+        reference = out / REFERENCE
+        if arts:
+            rep.step("ONNX Runtime reference", lambda: write_reference(Path(next(iter(arts.values()))), out, res))
     if args.dry_run or gpu_arch is None:
         rep.doc["notes"].append("dry run: artifacts built, nothing run")
         rep.save()
-        print(f"gpu-check (dry run): {len(arts)}/3 artifacts built in {out}; failed: {rep.failures or 'none'}")
+        print(f"gpu-check (dry run): {len(arts) + len(extras)} artifacts built in {out}; failed: {rep.failures or 'none'}")
         return 1 if rep.failures else 0
 
     try:
@@ -225,14 +372,26 @@ def main(argv=None) -> int:
     for opt in ("onnxruntime", "tensorrt"):
         rep.doc["notes"].append(f"{opt}: " + ("importable, not timed by this script" if importlib.util.find_spec(opt)
                                               else "not installed"))
-    env = dict(os.environ, MBN_CUDA_TARGET=str(target))
-    rep.step("pytest -m gpu", lambda: _pytest(env, out))
+    for name, art in arts.items():
+        if reference.is_file():
+            rep.step(f"{name} vs ONNX Runtime", lambda a=art: check_against_reference(a, reference))
+    for model, art in extras.items():
+        rep.step(f"{model} vs its built-in reference", lambda a=art: _selfcheck(a))
+    if reference.is_file() and arts:
+        rep.step("two threads, one model", lambda: two_threads(next(iter(arts.values())), reference))
+    if not args.prebuilt:
+        env = dict(os.environ, MBN_CUDA_TARGET=str(target))
+        rep.step("pytest -m gpu", lambda: _pytest(env, out))
     if arts:
         rep.step("end-to-end", lambda: time_e2e(arts, res))
+    for model, art in extras.items():
+        rep.step(f"end-to-end {model}", lambda a=art: time_e2e({"default": a}, res))
     if "ours" in arts and "dlight" in arts:
         def per_kernel():
             ours, dl = time_kernels(arts["ours"], res), time_kernels(arts["dlight"], res)
-            ks = {k: {"ours_ms": ours[k], "dlight_ms": dl[k]} for k in sorted(set(ours) & set(dl))}
+            man = json.loads((Path(arts["ours"]) / "manifest.json").read_text())
+            about = {k["name"]: {"kind": k["kind"], "macs": k["macs"]} for k in man["kernels"]}
+            ks = {k: {**about.get(k, {}), "ours_ms": ours[k], "dlight_ms": dl[k]} for k in sorted(set(ours) & set(dl))}
             doc = {"arch": arch, "device": rep.doc["gpu"], "date": date, "model": rep.doc["model"], "kernels": ks}
             (out / "kernel_timings.json").write_text(json.dumps(doc, indent=2) + "\n")
             dest = ROOT / "targets" / "databases" / "cuda"
@@ -244,6 +403,18 @@ def main(argv=None) -> int:
     rep.save()
     print(f"gpu-check: report in {out}; failed steps: {rep.failures or 'none'}")
     return 1 if rep.failures else 0
+
+
+def _selfcheck(art: str) -> dict:
+    """A model without reference.npz: its artifact's own reference (ONNX Runtime's logits for the
+    seeded input, stored at build time) on the GPU."""
+    from mbn_codegen.runtime import load
+
+    m = load(art)
+    r = m.selfcheck()
+    if not r["ok"]:
+        raise AssertionError(f"selfcheck failed: {r}")
+    return {k: r[k] for k in r if k != "ok"} | {"model": m.manifest["model"]["name"]}
 
 
 def _pytest(env, out: Path) -> dict:

@@ -331,19 +331,28 @@ def test_kernel_choice_from_timings(tmp_path, monkeypatch):
     path = tmp_path / "t.json"
     monkeypatch.setenv("MBN_CUDA_KERNEL_TIMINGS", str(path))
     logs = []
-    assert cuda.kernel_timings(spec, logs.append).pick("k") == ("ours", "")
+    assert cuda.kernel_timings(spec, logs.append).pick("pointwise", 10) == ("ours", "")
     assert "no GPU timings" in logs[-1]
-    path.write_text(json.dumps({"arch": "sm_80", "kernels": {"k": {"ours_ms": 2, "dlight_ms": 1}}}))
-    assert cuda.kernel_timings(spec, logs.append).pick("k") == ("ours", "")
+    path.write_text(json.dumps({"arch": "sm_80", "kernels": {
+        "k": {"kind": "pointwise", "macs": 10, "ours_ms": 2, "dlight_ms": 1}}}))
+    assert cuda.kernel_timings(spec, logs.append).pick("pointwise", 10) == ("ours", "")
     assert "not used" in logs[-1]
-    path.write_text(json.dumps({"arch": spec.cuda_arch, "device": "H100",
-                                "kernels": {"a": {"ours_ms": 2.0, "dlight_ms": 1.0},
-                                            "b": {"ours_ms": 1.0, "dlight_ms": 3.0}}}))
+    path.write_text(json.dumps({"arch": spec.cuda_arch, "device": "H100", "kernels": {
+        "a": {"kind": "pointwise", "macs": 10, "ours_ms": 2.0, "dlight_ms": 1.0},
+        "a2": {"kind": "pointwise", "macs": 30, "ours_ms": 1.0, "dlight_ms": 1.5},
+        "b": {"kind": "depthwise", "macs": 5, "ours_ms": 1.0, "dlight_ms": 3.0},
+        "old": {"ours_ms": 9.0, "dlight_ms": 1.0}}}))
     c = cuda.kernel_timings(spec, logs.append)
-    assert c.pick("a") == ("dlight", "measured") and c.pick("b") == ("ours", "measured")
-    assert c.pick("unmeasured") == ("ours", "")
+    # the same shape (kind and MACs), whatever the kernel is called in this model
+    assert c.pick("pointwise", 10) == ("dlight", "measured") and c.pick("pointwise", 30) == ("ours", "measured")
+    assert c.pick("depthwise", 5) == ("ours", "measured")
+    # an unmeasured shape: its kind's measured total (pointwise: ours 3.0 ms, dlight 2.5 ms)
+    assert c.pick("pointwise", 99) == ("dlight", "measured-pointwise")
+    assert c.pick("depthwise", 99) == ("ours", "measured-depthwise")
+    # a kind nobody measured, and entries without a kind, give ours
+    assert c.pick("dense", 7) == ("ours", "") and c.pick(None, None) == ("ours", "")
     monkeypatch.setenv("MBN_CUDA_KERNELS", "dlight")
-    assert cuda.kernel_timings(spec, logs.append).pick("b") == ("dlight", "forced")
+    assert cuda.kernel_timings(spec, logs.append).pick("depthwise", 5) == ("dlight", "forced")
     monkeypatch.setenv("MBN_CUDA_KERNELS", "fastest")
     with pytest.raises(cuda.CudaCompileError, match="MBN_CUDA_KERNELS"):
         cuda.kernel_timings(spec, logs.append)
