@@ -17,7 +17,7 @@ TINY = dict(alpha=0.25, resolution=32, target="arm64")
 
 
 def test_board_bench_refuses_host_only_options(tmp_path):
-    for kw, msg in ((dict(grid=True), "--grid"), (dict(rpc_key=None), "--rpc-key")):
+    for kw, msg in ((dict(artifacts={"a": str(tmp_path)}), "--artifact"), (dict(rpc_key=None), "--rpc-key")):
         cfg = BenchConfig(**TINY, rpc_tracker="127.0.0.1:1", **{"rpc_key": "k", **kw}, out=str(tmp_path))
         with pytest.raises(BoardBenchError, match=msg):
             run_bench(cfg, log=lambda s: None)

@@ -9,11 +9,6 @@ from pathlib import Path
 
 from ..errors import MbnError
 
-CPU = "/sys/devices/system/cpu"
-# What a stock tvm.exec.rpc_server lets us read without our board_info global: files with a size (no /proc).
-SYSFS = {"online": f"{CPU}/online", "governor": f"{CPU}/cpu0/cpufreq/scaling_governor",
-         "model": "/proc/device-tree/model", "max_khz": f"{CPU}/cpu0/cpufreq/cpuinfo_max_freq",
-         "midr": f"{CPU}/cpu0/regs/identification/midr_el1"}
 PEERS = {"onnxruntime": "ONNX Runtime (on the board)", "litert": "LiteRT / XNNPACK (on the board)"}
 EMULATED_NOTE = ("Timings come from qemu-aarch64 emulating the board on an x86 host: they say nothing about any "
                  "board's speed, and this report draws no comparison from them (plumbing check only).")
@@ -37,40 +32,30 @@ def connect(cfg, spec) -> tuple:
         raise BoardBenchError(f"target {spec.name!r} is a {spec.device} target: a board bench times CPU libraries")
     if not cfg.rpc_key:
         raise BoardBenchError("--rpc-tracker needs --rpc-key (the key the board's rpc_server registered with)")
-    if cfg.grid or cfg.artifacts:
-        raise BoardBenchError("--grid and --artifact are host-only; run the board bench without them")
+    if cfg.artifacts:
+        raise BoardBenchError("--artifact is host-only; run the board bench without it")
     host, port = rpc.parse_address(cfg.rpc_tracker)
     rpc.check_tracker(host, port, cfg.rpc_key)
     remote = rpc.request_session(host, port, cfg.rpc_key)
     return (remote, *identity(remote))
 
 
-def _download(remote, path: str) -> str | None:
-    try:
-        return bytes(remote.download(path)).rstrip(b"\0").decode(errors="replace").strip()
-    except Exception:
-        return None
-
-
 def identity(remote) -> tuple[dict, dict]:
-    """(provenance machine, board facts) from our server's board_info global (full /proc/cpuinfo), else sysfs."""
+    """(provenance machine, board facts) from our server's board_info global (full /proc/cpuinfo)."""
     from .. import rpc
 
     try:
         info = json.loads(remote.get_function(rpc.BOARD_INFO)())
-    except Exception:
-        info = {k: _download(remote, path) for k, path in SYSFS.items()}
-        ranges = [r.split("-") for r in (info["online"] or "").split(",") if r]
-        info.update(source="remote.download of sysfs (stock rpc_server)",
-                    cores=sum(int(r[-1]) - int(r[0]) + 1 for r in ranges) or None)
+    except Exception as e:
+        raise BoardBenchError(f"the board's RPC server has no {rpc.BOARD_INFO} ({type(e).__name__}): start it "
+                              "with `python -m mbn_codegen.rpc serve --tracker HOST:PORT --key KEY`") from e
     c = {}
     for k, _, v in (line.partition(":") for line in (info.get("cpuinfo") or "").splitlines() if ":" in line):
         c.setdefault(k.strip(), v.strip())
     x86_host = "vendor_id" in c and info.get("machine") == "aarch64"          # qemu-user shows the host's
     emulated = info.get("emulated") or ("qemu-user (host /proc/cpuinfo)" if x86_host else None)
     model = (info.get("model") or c.get("model name") or c.get("Hardware")
-             or (f"implementer {c['CPU implementer']} part {c['CPU part']}" if "CPU part" in c else None)
-             or (f"MIDR {info['midr']}" if info.get("midr") else "unknown"))
+             or (f"implementer {c['CPU implementer']} part {c['CPU part']}" if "CPU part" in c else "unknown"))
     features = (c.get("Features") or c.get("flags") or "").split()
     mem = re.search(r"MemTotal:\s+(\d+) kB", info.get("meminfo") or "")
     machine = {"cpu_model": model + (" [EMULATED: qemu-aarch64]" if emulated else ""),

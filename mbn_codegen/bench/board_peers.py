@@ -25,7 +25,7 @@ def measure(a) -> dict:
     out = {"machine": platform.machine(), "cores": os.cpu_count(), "peers": {}}
     for name, install in INSTALL.items():
         try:
-            runs = {t: RUNTIMES[name]({"onnx": a.onnx, "tflite": a.tflite, "threads": t, "spin": True})
+            runs = {t: RUNTIMES[name]({"onnx": a.onnx, "tflite": a.tflite, "threads": t})
                     for t in a.threads}
         except Exception as e:       # ImportError, a missing model: the report names the peer and why
             out["peers"][name] = {"status": "unavailable", "note": f"{type(e).__name__}: {e}; {install}"}

@@ -53,17 +53,16 @@ def measure_layers(artifact: str, x: np.ndarray, rounds: int) -> dict:
         "method": f"instrument hook: clock before and after each kernel call inside whole runs, {rounds} runs"}
 
 
-def measure_peer_layers(session_options, onnx_path: str, x: np.ndarray, rounds: int) -> dict:
+def measure_peer_layers(spec: dict, x: np.ndarray, rounds: int) -> dict:
     """ONNX Runtime's own profiler, the peer's per-layer times: each node's kernel time in execution order
     (its layout reorders are nodes of their own), over `rounds` runs after one warm-up run."""
     import json
     import tempfile
 
-    import onnxruntime as ort
+    from .worker import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        session_options.enable_profiling, session_options.profile_file_prefix = True, f"{tmp}/ort"
-        sess = ort.InferenceSession(onnx_path, session_options, providers=["CPUExecutionProvider"])
+        sess = ort_session(spec, profile_prefix=f"{tmp}/ort")
         for _ in range(rounds + 1):
             sess.run(None, {sess.get_inputs()[0].name: x})
         events = json.loads(Path(sess.end_profiling()).read_text())

@@ -1,5 +1,5 @@
 """results.json -> report.html, self-contained: tables and matplotlib plots (no pyplot: no backend, no
-global state) embedded as base64 PNG. Also `--compare`: two reports side by side, as compare.md."""
+global state) embedded as base64 PNG."""
 from __future__ import annotations
 
 import base64
@@ -174,12 +174,6 @@ def render(doc: dict, pngs: dict[str, bytes]) -> str:
         h += ["<h2>Per layer</h2>"] * (i == 0) + [f"<h3>{t} thread(s)</h3>", _layers(doc, t),
                                                  img(f"layers-{t}", f"Per-layer time, {t} thread(s)"),
                                                  img(f"roofline-{t}", f"Roofline, {t} thread(s)")]
-    if doc["grid"]:
-        h += ["<h2>Width x resolution grid</h2>", _table(
-            ["variant", "alpha", "resolution", "MMACs", "paper top-1 %", "median ms"],
-            [[g["variant"], f"{g['alpha']:g}", g["resolution"], f"{g['mult_adds'] / 1e6:.0f}",
-              g["accuracy"] or "–", fmt_ms(g["stats"].get("median"))] for g in doc["grid"]]),
-              img("grid", "Latency against mult-adds")]
     h += [*_machine(doc), BOARD_METHOD if p.get("board") else METHOD, f"<p><b>{html.escape(closing_line(doc))}</b></p>"]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(m['name'])}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(h) + "\n</body></html>\n")
@@ -187,7 +181,7 @@ def render(doc: dict, pngs: dict[str, bytes]) -> str:
 
 def write_report(out: str | Path, doc: dict) -> Path:
     out, pngs = Path(out), {}
-    plots = {"e2e": (e2e_plot,), "grid": (grid_plot,)}
+    plots = {"e2e": (e2e_plot,)}
     for t in doc["config"]["threads"]:
         plots.update({f"layers-{t}": (layers_plot, t), f"roofline-{t}": (roofline_plot, t)})
     for key, (fn, *args) in plots.items():
@@ -198,34 +192,6 @@ def write_report(out: str | Path, doc: dict) -> Path:
             doc.setdefault("plot_errors", []).append(f"{key}.png: {type(e).__name__}: {e}")
     (out / "report.html").write_text(render(doc, pngs))
     return out / "report.html"
-
-
-def compare(a: str | Path, b: str | Path, out: str | Path | None = None, variants: list[str] | None = None) -> dict:
-    """End to end and per layer, for every (variant, threads) both measured; speedup = time A / time B."""
-    from .results import load
-
-    A, B = load(a), load(b)
-
-    def medians(doc):                     # (variant, threads, layer or None: end to end) -> median ms
-        out = {(e["variant"], e["threads"], None): e["stats"]["median"] for e in doc["e2e"] if e["stats"]["n"]}
-        return out | {(e["variant"], e["threads"], c["layer"]): c["median_ms"] for e in doc["layers"]
-                      for c in e["calls"] if c["layer"]}
-    ma, mb = medians(A), medians(B)
-    rows = [{"variant": k[0], "threads": k[1], "name": k[2], "a_ms": ma[k], "b_ms": ms, "speedup": ma[k] / ms}
-            for k, ms in mb.items() if k in ma and (not variants or k[0] in variants)]
-    cpu = A["provenance"]["machine"]["cpu_model"], B["provenance"]["machine"]["cpu_model"]
-    lines = [f"# Compare: A = {Path(a).resolve().name}, B = {Path(b).resolve().name}", "",
-             f"A on {cpu[0]}, B on {cpu[1]}" + (" (different CPUs!)" if cpu[0] != cpu[1] else "")
-             + ". Speedup = time A / time B (> 1: B is faster)."]
-    parts = {"e2e": [r for r in rows if not r["name"]], "layers": [r for r in rows if r["name"]]}
-    for title, part in zip(("End to end", "Per layer"), parts.values()):
-        lines += ["", f"## {title}", "", "| variant | threads | layer | A ms | B ms | speedup |", "|" + "---|" * 6]
-        lines += [f"| {r['variant']} | {r['threads']} | {r['name'] or '–'} | {fmt_ms(r['a_ms'])} | "
-                  f"{fmt_ms(r['b_ms'])} | {fmt_x(r['speedup'])} |" for r in part]
-    out = Path(out) if out else Path(b) / f"compare-vs-{Path(a).resolve().name}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    return {**parts, "md": out / "compare.md", "text": "\n".join(lines) + "\n"}
 
 
 # --- the plots: each writes one PNG and returns its path, or None when there is nothing to plot -------
@@ -281,9 +247,8 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     ai = [2 * c["mult_adds"] / c["bytes"] for _, c in pts]
     P, B, ridge = p["fma_gflops"], p["triad_gbs"], p["ridge_flop_per_byte"]
     lo, hi = min(ai + [ridge]) / 2, max(ai + [ridge]) * 2
-    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     ax = Figure(figsize=(11, 5.5)).subplots()
-    ax.plot(xs, [min(P, x * B) for x in xs], "k-", lw=1.5, label=f"roof: FMA loop {P:.0f} GFLOP/s, triad {B:.1f} GB/s")
+    ax.plot([lo, ridge, hi], [lo * B, P, P], "k-", lw=1.5, label=f"roof: FMA loop {P:.0f} GFLOP/s, triad {B:.1f} GB/s")
     ax.axvline(ridge, color="0.5", ls=":", lw=1, label=f"ridge point {ridge:.1f} FLOP/byte")
     names = list(dict.fromkeys(n for n, _ in pts))
     for n, k in dict.fromkeys((n, c["kind"]) for n, c in pts):       # marker: the variant, colour: the kind
@@ -293,20 +258,3 @@ def roofline_plot(doc: dict, t: int, path: Path) -> Path | None:
     return _save(ax, path, f"Roofline, {t} thread(s)", "arithmetic intensity, FLOP per byte (2 x mult-adds / bytes "
                  "of all kernel arguments)", "achieved GFLOP/s", "xy", fontsize=7, loc="upper left",
                  bbox_to_anchor=(1.01, 1.0))
-
-
-def grid_plot(doc: dict, path: Path) -> Path | None:
-    pts = [g for g in doc["grid"] if g["stats"]["n"]]
-    if not pts:
-        return None
-    ax = Figure(figsize=(9, 6)).subplots()
-    names = list(dict.fromkeys(g["variant"] for g in pts))
-    for i, n in enumerate(names):
-        ps = [g for g in pts if g["variant"] == n]
-        ax.scatter([g["mult_adds"] / 1e6 for g in ps], [g["stats"]["median"] for g in ps], color=f"C{i}",
-                   marker=MARKERS[i % 7], label=n)
-    for g in (g for g in pts if g["variant"] == names[0]):
-        ax.annotate(f"{g['alpha']:g}-{g['resolution']}" + (f" {g['accuracy']}%" if g["accuracy"] else ""),
-                    (g["mult_adds"] / 1e6, g["stats"]["median"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    return _save(ax, path, "alpha x rho grid (labels: alpha-resolution, paper's top-1 where printed)",
-                 "mult-adds, millions", "latency, ms (median)", "xy")

@@ -1,5 +1,5 @@
 """The whole bench: build the TVM variants, measure the machine's peak, end to end (interleaved), per
-layer, the optional alpha x rho grid; write results.json after every step, then the report."""
+layer; write results.json after every step, then the report."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -8,14 +8,17 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..errors import MbnError
 from ..model_spec import ModelSpec, with_model_fields
-from .results import add_block, load, new_series
+from .layers import layer_entry, onnx_layers
+from .results import FORMAT, RESULTS, add_block, new_series, provenance, save
+from .worker import FENCE_TIMEOUT_S, SPIN, Worker, WorkerError, ask, fence
 
 # name -> (label, a TVM variant's BuildConfig fields or the Python package a peer runs in); the generic
 # space is tuned on stock NHWC (tuning.prepare_module).
@@ -28,10 +31,6 @@ VARIANTS = {"stock": ("TVM stock (untuned)", {"schedules": "stock"}),
             "openvino-bf16": ("OpenVINO (bf16, its default on AMX CPUs)", "openvino")}
 ALL_VARIANTS = tuple(VARIANTS)
 DEFAULT_VARIANTS = ALL_VARIANTS[:-1]
-GRID_DEFAULT_VARIANTS = ("stock", "ours", "onnxruntime")
-# Howard et al. 2017, Table 6 (width multiplier at 224) and Table 7 (resolution at alpha 1.0).
-PAPER_TOP1 = {(1.0, 224): 70.6, (1.0, 192): 69.1, (1.0, 160): 67.2, (1.0, 128): 64.4,
-              (0.75, 224): 68.4, (0.5, 224): 63.7, (0.25, 224): 50.6}
 
 
 @with_model_fields
@@ -49,15 +48,8 @@ class BenchConfig:
     warmup: int = 5
     layers: bool = True
     layer_rounds: int = 5
-    grid: bool = False
-    grid_variants: list[str] = field(default_factory=lambda: list(GRID_DEFAULT_VARIANTS))
-    grid_points: list[tuple[float, int]] | None = None   # default: the paper's 16 (alpha, rho)
-    grid_threads: int | None = None
-    grid_rounds: int = 3
-    grid_reps: int = 2
     peak: bool = True
     quick_peak: bool = False
-    spin: bool = True                   # False: every pool blocks when idle (worker.NO_SPIN_ENV)
     out: str | None = None
     rpc_tracker: str | None = None      # HOST:PORT: measure on the board registered under rpc_key
     rpc_key: str | None = None
@@ -153,9 +145,7 @@ class Run:
 
         from .. import targets
         from ..database import summary
-        from ..errors import MbnError
         from ..runtime import machine_arch
-        from .results import FORMAT, provenance
 
         spec, m, self.remote, peers = targets.load(cfg.target), cfg.model, None, {}
         self.cfg, self.log, self.t0, names = cfg, log, time.perf_counter(), cfg.variants
@@ -179,7 +169,7 @@ class Run:
                 v.label += f" ({summary(v.database).records} trials)"
         self.doc = {
             "format": FORMAT, "status": "running", "config": {**asdict(cfg), "threads": self.threads, "out": str(out)},
-            "provenance": provenance(spec), "peak": [], "variants": [], "e2e": [], "layers": [], "grid": [],
+            "provenance": provenance(spec), "peak": [], "variants": [], "e2e": [], "layers": [],
             "model": {"name": Path(m.onnx).name if m.onnx else f"{m.name} alpha={m.alpha:g} res={m.zoo_resolution}",
                       "onnx": m.onnx, "weights": "from the ONNX file" if m.onnx else m.weights or
                       f"random (live, seed={m.seed})"},
@@ -193,8 +183,6 @@ class Run:
         self.doc["log"].append({"t": round(time.perf_counter() - self.t0, 2), "message": msg})
 
     def save(self) -> None:
-        from .results import RESULTS, save
-
         self.doc["variants"] = [asdict(v) for v in self.vs]
         save(self.out / RESULTS, self.doc)
 
@@ -206,13 +194,11 @@ class Run:
 
     def spec(self, v: Variant, t: int) -> dict:
         return {**self.cfg.base_build(), "variant": v.name, "runtime": v.runtime, "threads": t, "artifact": v.artifact,
-                "spin": self.cfg.spin, **{k: self.model[k] for k in ("input", "reference", "onnx")}}
+                **{k: self.model[k] for k in ("input", "reference", "onnx")}}
 
     def all(self) -> None:
         from ..build import BuildConfig, build
         from ..runtime import read_manifest
-        from .layers import onnx_layers
-        from .worker import NO_SPIN_ENV, ask
 
         cfg, doc, logs = self.cfg, self.doc, self.out / "logs"
         self.say(f"bench {doc['model']['name']} on {cfg.target}, threads {self.threads}, variants "
@@ -227,9 +213,7 @@ class Run:
         layers = onnx_layers(prepared.path)
         doc["model"].update(input_shape=list(prepared.shape), layers=layers,
                             mult_adds=sum(l["mult_adds"] for l in layers))
-        spin = ({"all runtimes": "their default spin-wait inside their own block; the fence waits it out"} if cfg.spin
-                else {**NO_SPIN_ENV, "onnxruntime session.intra_op.allow_spinning": "0", "openvino (TBB)": "no switch"})
-        doc["isolation"] = {"spin_settings": spin, "order": "random per round", "fence": {}}
+        doc["isolation"] = {"spin_settings": SPIN, "order": "random per round", "fence": {}}
         logs.mkdir(parents=True, exist_ok=True)
         for v in self.ok("tvm"):
             self.say(f"{v.name}: {v.artifact}" if v.artifact else f"build {v.name} ...")
@@ -259,26 +243,24 @@ class Run:
         for v in [*self.ok("tvm"), *(v for v in self.ok("peer") if v.runtime == "onnxruntime")] if cfg.layers else []:
             for t in self.threads:
                 self.layers(v, t, logs)
-        if cfg.grid:
-            self.grid()
 
     def e2e(self, t: int, logs: Path) -> dict:
         """The fence statistics of timing the variants at t threads, each in its own worker."""
-        from .worker import fence, start_workers
-
-        vs, workers = self.ok(), {}
+        vs = self.ok()
         self.say(f"end to end, {t} thread(s): loading {len(vs)} variants ...")
+        workers = {v.name: Worker(self.spec(v, t), logs) for v in vs}     # all at once: loading is the slow part
         try:
-            for (w, r), v in zip(start_workers([self.spec(v, t) for v in vs], logs), vs):
-                v.checks.append({"threads": t, **(r["check"] if w else r)})
-                if not w:
-                    self.say(f"  {v.name}: failed to load: {r['error']}")
-                    continue
-                if not r["check"]["ok"]:
-                    self.say(f"  {v.name}: output differs from ONNX Runtime (max |err| "
-                             f"{r['check']['max_abs_err']:.3g})")
-                workers[v.name] = w
-                w.request({"cmd": "time", "n": 0, "warmup": self.cfg.warmup})
+            for v in vs:
+                try:
+                    check = workers[v.name].request()["check"]
+                    workers[v.name].request({"cmd": "time", "n": 0, "warmup": self.cfg.warmup})
+                except WorkerError as e:
+                    check = {"ok": False, "error": str(e)}
+                    workers.pop(v.name).close()
+                    self.say(f"  {v.name}: failed to load: {e}")
+                v.checks.append({"threads": t, **check})
+                if "max_abs_err" in check and not check["ok"]:
+                    self.say(f"  {v.name}: output differs from ONNX Runtime (max |err| {check['max_abs_err']:.3g})")
             timers = {n: (lambda w=w: w.request({"cmd": "time", "n": self.cfg.reps, "warmup": 1})["samples_ms"])
                       for n, w in workers.items()}
             return self.interleave(t, timers, lambda: fence(workers.values()))
@@ -291,8 +273,6 @@ class Run:
         """Each round times every variant once, a block of calls in a fresh random order, after `fence`
         has waited out the previous block's spinning pools; saved after every block, so an interruption
         loses at most one."""
-        from .worker import FENCE_TIMEOUT_S, WorkerError
-
         series, rounds = {n: new_series(n, t) for n in timers}, self.cfg.rounds
         self.doc["e2e"] += series.values()
         rng, waits, t0 = random.Random(self.cfg.model.seed + t), [], time.perf_counter()
@@ -314,9 +294,6 @@ class Run:
                 "max_wait_ms": float(max(waits, default=0) * 1e3), "timeouts": sum(w > FENCE_TIMEOUT_S for w in waits)}
 
     def layers(self, v: Variant, t: int, logs: Path) -> None:
-        from .layers import layer_entry
-        from .worker import WorkerError, ask
-
         self.say(f"per layer: {v.name} at {t} thread(s) ...")
         try:
             m = ask(self.spec(v, t), {"cmd": "layers", "rounds": self.cfg.layer_rounds}, logs)
@@ -329,26 +306,3 @@ class Run:
         c = e["consistency"]
         self.say(f"  {len(e['calls'])} kernel calls, sum {c['kernel_sum_ms']:.2f} ms, end to end {c['e2e_ms']:.2f} ms; "
                  + (e["mapping_problem"] or "mapped to the layers"))
-
-    def grid(self) -> None:
-        """MobileNet v1's alpha x rho variants: latency against mult-adds (the paper's Figures 4-5 with
-        time), each point a small bench of its own, its builds deleted once measured."""
-        from ..models.mobilenet_v1 import PAPER_ALPHAS, PAPER_RESOLUTIONS
-
-        cfg = self.cfg
-        points = cfg.grid_points or [(a, r) for a in PAPER_ALPHAS for r in PAPER_RESOLUTIONS]
-        t = cfg.grid_threads or max(self.threads)
-        self.say(f"alpha x rho grid: {len(points)} points x {', '.join(cfg.grid_variants)} at {t} thread(s)")
-        for a, r in points:
-            d = run_bench(replace(cfg, alpha=a, resolution=r, variants=cfg.grid_variants, artifacts={}, threads=[t],
-                                  rounds=cfg.grid_rounds, reps=cfg.grid_reps, warmup=1, layers=False, peak=False,
-                                  grid=False, out=str(self.out / "grid" / f"{a:g}-{r}")), log=lambda s: None)
-            point = load(d)
-            madds = point["model"]["mult_adds"]
-            self.doc["grid"] += [{**e, "alpha": a, "resolution": r, "mult_adds": madds,
-                                  "accuracy": PAPER_TOP1.get((a, r))} for e in point["e2e"]]
-            self.save()
-            for sub in ("builds", "databases", "model"):
-                shutil.rmtree(d / sub, ignore_errors=True)
-            self.say(f"  {a:g}-{r} ({madds / 1e6:.0f}M mult-adds): " + "  ".join(
-                f"{e['variant']} {e['stats']['median']:.2f} ms" for e in point["e2e"] if e["stats"]["n"]))

@@ -10,16 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+import timeit
 import traceback
 from pathlib import Path
 
 import numpy as np
 
 THREAD_ENV = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# --no-spin: OpenMP (torch), TVM's pool and ONNX Runtime (a session entry) block as soon as idle; OpenVINO's
-# TBB has no switch. It costs TVM 1.5-2x at 2 threads on small models (a futex wake per kernel), so by
-# default runtimes spin inside their own block and the fence keeps that out of the next one.
-NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0", "KMP_BLOCKTIME": "0"}
+# Blocking idle pools (OMP_WAIT_POLICY=PASSIVE, TVM_THREAD_POOL_SPIN_COUNT=0) costs TVM 1.5-2x at 2 threads on
+# small models (a futex wake per kernel), so runtimes spin inside their own block and the fence keeps that
+# out of the next one.
+SPIN = {"all runtimes": "their default spin-wait inside their own block; the fence waits it out"}
 FENCE_WINDOW_S, FENCE_IDLE_CPU_S, FENCE_TIMEOUT_S = 0.02, 0.002, 2.0
 
 
@@ -33,9 +34,7 @@ class Worker:
     def __init__(self, spec: dict, log_dir: Path):
         import psutil           # here: board_peers imports this module on boards without it
 
-        env = {**os.environ, **({} if spec.get("spin", True) else NO_SPIN_ENV),
-               **{k: str(spec["threads"]) for k in THREAD_ENV}}
-        env.setdefault("TVM_BIND_THREADS", "1")
+        env = {"TVM_BIND_THREADS": "1", **os.environ, **{k: str(spec["threads"]) for k in THREAD_ENV}}
         self.name = f"{spec['variant']}-{spec['threads']}t"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(log_dir / f"{self.name}.log", "ab")
@@ -71,18 +70,6 @@ class Worker:
             self.proc.kill()                  # our own child, by its handle
             self.proc.wait()
         self.log.close()
-
-
-def start_workers(specs: list[dict], log_dir: Path) -> list[tuple[Worker | None, dict]]:
-    """Start all at once (loading is the slow part), then collect their load replies."""
-    out = []
-    for w in [Worker(s, log_dir) for s in specs]:
-        try:
-            out.append((w, w.request()))
-        except WorkerError as e:
-            w.close()
-            out.append((None, {"ok": False, "error": str(e)}))
-    return out
 
 
 def ask(spec: dict, cmd: dict, log_dir: Path) -> dict:
@@ -130,19 +117,18 @@ def _torch(spec):
     return run
 
 
-def _ort_options(spec):
+def ort_session(spec, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
     o.intra_op_num_threads, o.inter_op_num_threads = spec["threads"], 1
-    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spec["spin"] else "0")
-    return o
+    if profile_prefix:
+        o.enable_profiling, o.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(spec["onnx"], o, providers=["CPUExecutionProvider"])
 
 
 def _onnxruntime(spec):
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(spec["onnx"], _ort_options(spec), providers=["CPUExecutionProvider"])
+    sess = ort_session(spec)
     return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
@@ -176,14 +162,10 @@ RUNTIMES = {"tvm": _tvm, "torch": _torch, "onnxruntime": _onnxruntime, "openvino
 
 
 def time_calls(run, x, n: int, warmup: int = 0) -> list[float]:
+    """Milliseconds of n calls after `warmup` untimed ones (timeit: perf_counter, GC paused)."""
     for _ in range(warmup):
         run(x)
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        run(x)
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-    return out
+    return [s * 1e3 for s in timeit.repeat(lambda: run(x), number=1, repeat=n)]
 
 
 def _answer(spec: dict, cmd: dict | None, state: dict) -> dict:
@@ -199,7 +181,7 @@ def _answer(spec: dict, cmd: dict | None, state: dict) -> dict:
     if cmd["cmd"] == "layers":
         from .layers import measure_layers, measure_peer_layers
         if spec["runtime"] == "onnxruntime":
-            return measure_peer_layers(_ort_options(spec), spec["onnx"], state["x"], cmd["rounds"])
+            return measure_peer_layers(spec, state["x"], cmd["rounds"])
         return measure_layers(spec["artifact"], state["x"], cmd["rounds"])
     from .. import targets
     from .peak import measure_peak

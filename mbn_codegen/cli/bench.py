@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..bench.run import ALL_VARIANTS, DEFAULT_VARIANTS, GRID_DEFAULT_VARIANTS
+from ..bench.run import ALL_VARIANTS, DEFAULT_VARIANTS
 from .common import add_model_args
 
 
@@ -21,7 +21,6 @@ def _list(parse, check, example: str):
 
 _ints = _list(int, lambda n: n >= 1, "1,2 (thread counts >= 1)")
 _names = _list(str, ALL_VARIANTS.__contains__, f"stock,ours (of {', '.join(ALL_VARIANTS)})")
-_points = _list(lambda p: (float(p.split("-")[0]), int(p.split("-")[1])), bool, "0.25-128,0.5-160")
 
 
 def _artifact(s: str) -> tuple[str, str]:
@@ -54,13 +53,6 @@ def add_parser(sub) -> None:
     a("--warmup", type=int, default=5, help="warm-up calls per variant (default 5)")
     a("--layer-rounds", type=int, default=5, help="rounds of per-layer timing (default 5)")
     a("--no-layers", dest="layers", action="store_false", help="skip per-layer timing")
-    a("--grid", action="store_true", help="also measure the 16 alpha x rho variants (minutes)")
-    a("--grid-variants", type=_names, default=list(GRID_DEFAULT_VARIANTS), metavar="A,B",
-      help="variants in the grid (default stock,ours,onnxruntime)")
-    a("--grid-points", type=_points, metavar="A-R,...", help="grid points instead of the paper's 16, e.g. 0.25-128")
-    a("--grid-threads", type=int, help="thread count of the grid (default: the largest)")
-    a("--no-spin", dest="spin", action="store_false", help="idle threads of every runtime block at once "
-      "(OMP_WAIT_POLICY=PASSIVE, TVM_THREAD_POOL_SPIN_COUNT=0, ONNX Runtime allow_spinning=0)")
     a("--quick", action="store_true", help="few repetitions (smoke test; numbers are rough)")
     a("--out", help="report folder (default reports/<model>-<alpha>-<res>-<target>-<date>)")
     a("--rpc-tracker", metavar="HOST:PORT", help="bench on the board registered with this TVM RPC tracker "
@@ -68,17 +60,10 @@ def add_parser(sub) -> None:
     a("--rpc-key", help="the board's key at the tracker (its rpc_server --key)")
     a("--board-peers", metavar="FILE.json", help="peers measured on the board by "
       "`python -m mbn_codegen.bench.board_peers model.onnx > FILE.json`, merged into the board report")
-    a("--compare", nargs=2, metavar=("A", "B"), help="compare two report folders (A = before, B = after)")
     a("--report-only", metavar="DIR", help="regenerate the report and plots from DIR/results.json")
 
 
 def main(args) -> int:
-    if args.compare:
-        from ..bench.report import compare
-        r = compare(*args.compare, out=args.out,
-                    variants=None if args.variants == list(DEFAULT_VARIANTS) else args.variants)
-        print(r["text"] + f"wrote {r['md']}")
-        return 0
     if args.report_only:
         from ..bench.report import write_report
         from ..bench.results import load, validate
@@ -94,7 +79,6 @@ def main(args) -> int:
                                                  if f.name in vars(args) and f.name != "model"})
     cfg.artifacts = dict(args.artifacts)
     if args.quick:
-        cfg = dataclasses.replace(cfg, rounds=3, reps=2, warmup=2, layer_rounds=2, grid_rounds=2, grid_reps=1,
-                                  quick_peak=True)
+        cfg = dataclasses.replace(cfg, rounds=3, reps=2, warmup=2, layer_rounds=2, quick_peak=True)
     run_bench(cfg, log=lambda s: print(s, flush=True))
     return 0
