@@ -207,8 +207,9 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
     ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
                        layout=cfg.layout, database=database, propagate_nan=cfg.propagate_nan)
     if spec.device == "cuda":
-        from .cuda import kernel_timings
+        from .cuda import kernel_timings, use_cuda_graph
         ctx.kernel_timings = kernel_timings(spec, log)
+        ctx.cuda_graph = use_cuda_graph(log)
     log(f"lower for {spec.name} ({spec.description})")
     mod = lower(onnx_model, ctx, dump_ir=cfg.dump_ir, log=log)
     log("compile")
@@ -228,7 +229,7 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
         pay = cuda_payloads(tmp / LIB_FILE)
         gpu = {"cuda_arch": spec.cuda_arch, "toolkit": nv.toolkit.to_dict(),
                "kernel_formats": sorted({p.format for p in pay}),
-               "archs": sorted({a for p in pay for a in p.archs})}
+               "archs": sorted({a for p in pay for a in p.archs}), "cuda_graph": ctx.cuda_graph}
 
     labels_file = None
     if (labels := cfg.model.labels_file(y.shape[-1])) is not None:

@@ -30,6 +30,7 @@ class LowerContext:
     prepack_weights: bool | None = None  # None: on CPU with our schedules or a database
     propagate_nan: bool = False        # Relu/Clip as ONNX defines them (NaN in, NaN out)
     kernel_timings: object | None = None  # CUDA: cuda.KernelChoice, ours or dlight per kernel
+    cuda_graph: bool = False           # CUDA: the kernels after the input's are one captured graph
     notes: dict = field(default_factory=dict)   # phases report what they did here
 
     @property
@@ -341,4 +342,8 @@ def _build_module(mod: IRModule, ctx: LowerContext):
         with ctx.target:
             return tvm.transform.Sequential(passes)(m)
 
-    return tvm.compile(mod, target=ctx.target, relax_pipeline=_pipeline)
+    # RewriteCUDAGraph (in the CUDA finalize passes) does nothing unless asked: it lifts the
+    # kernels on statically planned memory into a function captured once and replayed
+    config = {"relax.backend.use_cuda_graph": ctx.device == "cuda" and ctx.cuda_graph}
+    with tvm.transform.PassContext(opt_level=3, config=config):
+        return tvm.compile(mod, target=ctx.target, relax_pipeline=_pipeline)

@@ -87,25 +87,28 @@ class Report:
         (self.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
 
 
-def build(target: Path, out: Path, kernels: str | None, schedules: str, alpha: float, res: int,
+def build(target: Path, out: Path, env: dict, schedules: str, alpha: float, res: int,
           model: str = "mobilenet_v1") -> dict:
+    """One artifact, with the MBN_CUDA_* variables of `env` set for the build only."""
     from mbn_codegen.build import BuildConfig, build as do_build
 
-    env_old = os.environ.get("MBN_CUDA_KERNELS")
+    names = ("MBN_CUDA_KERNELS", "MBN_CUDA_GRAPH", "MBN_CUDA_KERNEL_TIMINGS")
+    saved = {k: os.environ.get(k) for k in names}
+    for k in names:
+        os.environ.pop(k, None)
     # the build looks for timings under the target's name; this target is `cuda` with another arch
-    os.environ.setdefault("MBN_CUDA_KERNEL_TIMINGS", str(ROOT / "targets" / "databases" / "cuda" / "kernel_timings.json"))
-    if kernels:
-        os.environ["MBN_CUDA_KERNELS"] = kernels
-    else:
-        os.environ.pop("MBN_CUDA_KERNELS", None)
+    os.environ["MBN_CUDA_KERNEL_TIMINGS"] = saved["MBN_CUDA_KERNEL_TIMINGS"] or str(
+        ROOT / "targets" / "databases" / "cuda" / "kernel_timings.json")
+    os.environ.update(env)
     try:
         art = do_build(BuildConfig(model=model, alpha=alpha, resolution=res, target=str(target),
                                    schedules=schedules, out=str(out)), log=lambda s: print("   " + s, flush=True))
     finally:
-        if env_old is None:
-            os.environ.pop("MBN_CUDA_KERNELS", None)
-        else:
-            os.environ["MBN_CUDA_KERNELS"] = env_old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     man = json.loads((art / "manifest.json").read_text())
     return {"artifact": str(art), "gpu": man["gpu"], "compile_s": man["phase_seconds"].get("compile")}
 
@@ -261,9 +264,8 @@ def time_kernels(art: str, res: int) -> dict:
     import numpy as np
     from mbn_codegen.runtime import _DEVICE_TYPE, load
 
-    m = load(art)
-    x = np.zeros((1, 3, res, res), "float32")
-    m.run(x)
+    m = load(art)         # a Model of its own: a CUDA graph build captures on this first run,
+    x = np.zeros((1, 3, res, res), "float32")   # the only one whose kernel calls the hook sees
     calls = []
 
     def hook(_func, sym, before, _ret, *args):
@@ -326,9 +328,11 @@ def main(argv=None) -> int:
     res = args.resolution
     arts = {}
     # default: what `mbn-codegen build --target cuda` gives (per kernel the faster of ours and
-    # dlight by the committed GPU timings); ours / dlight: one side for every kernel
-    variants = (("default", None, "ours"), ("ours", "ours", "ours"), ("dlight", "dlight", "ours"),
-                ("tvm-stock", None, "stock"))
+    # dlight by the committed GPU timings, replayed as a CUDA graph); ours / dlight: one side for
+    # every kernel
+    variants = (("default", {}, "ours"), ("default-no-graph", {"MBN_CUDA_GRAPH": "0"}, "ours"),
+                ("ours", {"MBN_CUDA_KERNELS": "ours"}, "ours"), ("dlight", {"MBN_CUDA_KERNELS": "dlight"}, "ours"),
+                ("tvm-stock", {}, "stock"))
     if args.prebuilt:
         pre = Path(args.prebuilt)
         arts = {n: str(pre / f"art-{n}") for n, _, _ in variants if (pre / f"art-{n}" / "manifest.json").is_file()}
@@ -342,14 +346,14 @@ def main(argv=None) -> int:
         rep.doc["notes"].append(f"prebuilt artifacts from {pre} (built for {sorted(map(str, built))}); "
                                 "the gpu-marked tests compile, so they are not run here")
     else:
-        for name, kernels, schedules in variants:
-            r = rep.step(f"build {name}", lambda k=kernels, s=schedules, n=name:
-                         build(target, out / f"art-{n}", k, s, args.alpha, res))
+        for name, env, schedules in variants:
+            r = rep.step(f"build {name}", lambda e=env, s=schedules, n=name:
+                         build(target, out / f"art-{n}", e, s, args.alpha, res))
             if r:
                 arts[name] = r["artifact"]
         extras = {}
         for model in filter(None, args.also.split(",")):
-            r = rep.step(f"build {model}", lambda m=model: build(target, out / f"art-{m}", None, "ours",
+            r = rep.step(f"build {model}", lambda m=model: build(target, out / f"art-{m}", {}, "ours",
                                                                   1.0, res, model=m))
             if r:
                 extras[model] = r["artifact"]

@@ -356,3 +356,24 @@ def test_kernel_choice_from_timings(tmp_path, monkeypatch):
     monkeypatch.setenv("MBN_CUDA_KERNELS", "fastest")
     with pytest.raises(cuda.CudaCompileError, match="MBN_CUDA_KERNELS"):
         cuda.kernel_timings(spec, logs.append)
+
+
+@needs_nvcc
+@needs_x86_cxx
+def test_cuda_build_replays_a_cuda_graph_unless_told_not_to(tmp_path, monkeypatch):
+    """The default CUDA build captures the kernels after the input's as one CUDA graph (the VM
+    calls run_or_capture); MBN_CUDA_GRAPH=0 launches each kernel; anything else is refused."""
+    from mbn_codegen.build import BuildConfig, build as build_model
+
+    libs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MBN_CUDA_GRAPH", flag)
+        art = build_model(BuildConfig(alpha=0.25, resolution=32, target="cuda", out=str(tmp_path / flag)),
+                          log=lambda s: None)
+        assert json.loads((art / "manifest.json").read_text())["gpu"]["cuda_graph"] is (flag == "1")
+        libs[flag] = (art / "lib.so").read_bytes()
+    assert b"vm.builtin.cuda_graph.run_or_capture" in libs["1"]
+    assert b"vm.builtin.cuda_graph.run_or_capture" not in libs["0"]
+    monkeypatch.setenv("MBN_CUDA_GRAPH", "yes")
+    with pytest.raises(cuda.CudaCompileError, match="MBN_CUDA_GRAPH"):
+        cuda.use_cuda_graph(lambda s: None)
