@@ -25,8 +25,7 @@ def measure(a) -> dict:
     out = {"machine": platform.machine(), "cores": os.cpu_count(), "peers": {}}
     for name, install in INSTALL.items():
         try:
-            runs = {t: RUNTIMES[name]({"onnx": a.onnx, "tflite": a.tflite, "threads": t})
-                    for t in a.threads}
+            runs = {t: RUNTIMES[name]({"onnx": a.onnx, "tflite": a.tflite, "threads": t}) for t in a.threads}
         except Exception as e:       # ImportError, a missing model: the report names the peer and why
             out["peers"][name] = {"status": "unavailable", "note": f"{type(e).__name__}: {e}; {install}"}
             continue
@@ -34,7 +33,7 @@ def measure(a) -> dict:
         for t, run in runs.items():
             check = None if ref is None else check_output(run(x), ref, "onnxruntime (host)")
             time_calls(run, x, 0, a.warmup)
-            series.append({"threads": t, "blocks_ms": [time_calls(run, x, a.reps, 0) for _ in range(a.rounds)],
+            series.append({"threads": t, "blocks_ms": [time_calls(run, x, a.reps) for _ in range(a.rounds)],
                            "check": check})
         out["peers"][name] = {"status": "ok", "series": series}
     return out
@@ -50,8 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[1, os.cpu_count()])
     for name, default in (("--rounds", 10), ("--reps", 5), ("--warmup", 5)):
         ap.add_argument(name, type=int, default=default)
-    json.dump(measure(ap.parse_args(argv)), sys.stdout)
-    print()
+    print(json.dumps(measure(ap.parse_args(argv))))
     return 0
 
 
