@@ -42,7 +42,7 @@ help:
 	@echo "make rpc-server RPC_TRACKER=hostip:9190 RPC_KEY=rpi4   (on the board) the server that measures for make tune"
 	@echo "make rpc-server-qemu [RPC_KEY=qemu-a72 RPC_SERVERS=1]  emulated arm64 board(s) here (plumbing only: timings mean nothing)"
 	@echo "make rpc-query [RPC_TRACKER=127.0.0.1:9190]            boards registered with a tracker"
-	@echo "make bench TARGET=x86_64 [BENCH_ARGS='--grid --threads 1,2']   report: tuned vs stock vs peers"
+	@echo "make bench TARGET=x86_64 [BENCH_ARGS='--threads 1,2']   report: tuned vs stock vs peers"
 	@echo "make bench TARGET=arm64 RPC_TRACKER=host:9190 RPC_KEY=rpi4   the same, timed on the board (end to end)"
 	@echo "make bundle TARGET=arm64 [ARTIFACT=dir BOARD_PYTHON=3.11]   one .tar.gz for an offline board:"
 	@echo "                                 artifact + runtime wheels + install.sh (default ARTIFACT: make build's)"
