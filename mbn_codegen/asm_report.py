@@ -27,12 +27,13 @@ class AsmReportError(MbnError):
 _OBJDUMP = {"aarch64": ("aarch64-linux-gnu-objdump", "binutils-aarch64-linux-gnu (comes with g++-aarch64-linux-gnu)"),
             "x86_64": ("objdump", "binutils")}
 _TRIPLE = {"aarch64": "aarch64-linux-gnu", "x86_64": "x86_64-linux-gnu"}
-# vector FMA / scalar FP arithmetic / stack access, per ISA (objdump syntax)
+# vector FMA / scalar FP arithmetic / stack access / comment, per ISA (objdump syntax)
 _VFMA = {"aarch64": re.compile(r"^\s*fml[as]\s+v\d+\.(4s|2d|8h)"),
          "x86_64": re.compile(r"^\s*vfn?m(add|sub)\d*p[sd]\s.*%[xyz]mm")}
 _SCALAR = {"aarch64": re.compile(r"^\s*f(madd|msub|nmadd|mul|add|sub|div|max|min)\s+s\d+"),
            "x86_64": re.compile(r"^\s*v?(fn?m(add|sub)\d*s[sd]|(add|sub|mul|div|max|min)s[sd])\s")}
 _STACK = {"aarch64": re.compile(r"\[sp(,|\])"), "x86_64": re.compile(r"\(%rsp\)")}
+_COMMENT = {"aarch64": re.compile(r"//"), "x86_64": re.compile(r"//|#")}
 _BRANCH = re.compile(r"^\s*(j\w+|b\.\w+|b|cbn?z|tbn?z)\s+([0-9a-f]+)\s+<")
 _FUNC = re.compile(r"^([0-9a-f]+) <([^>]+)>:$")
 _INSN = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
@@ -63,10 +64,8 @@ def _tool(name: str, package: str) -> str:
 
 
 def llvm_mca() -> str:
-    for name in ("llvm-mca", "llvm-mca-19", "llvm-mca-16", "llvm-mca-15", "llvm-mca-14"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return _tool("llvm-mca", "Debian's `llvm` package")
+    versioned = filter(None, map(shutil.which, ("llvm-mca-19", "llvm-mca-16", "llvm-mca-15", "llvm-mca-14")))
+    return shutil.which("llvm-mca") or next(versioned, None) or _tool("llvm-mca", "Debian's `llvm` package")
 
 
 def disassemble(lib: Path, arch: str) -> dict[str, list[tuple[int, str]]]:
@@ -80,26 +79,25 @@ def disassemble(lib: Path, arch: str) -> dict[str, list[tuple[int, str]]]:
         if m := _FUNC.match(line):
             cur = funcs.setdefault(m.group(2), [])
         elif cur is not None and (m := _INSN.match(line)):
-            cur.append((int(m.group(1), 16), m.group(2).split("//")[0].split("#")[0].strip()
-                        if arch == "x86_64" else m.group(2).split("//")[0].strip()))
+            cur.append((int(m.group(1), 16), _COMMENT[arch].split(m.group(2), maxsplit=1)[0].strip()))
     return funcs
+
+
+def _count(pattern: re.Pattern, body) -> int:
+    return sum(1 for t in body if pattern.search(t))
 
 
 def hot_loop(insns: list[tuple[int, str]], arch: str) -> list[str]:
     """The innermost loop (a backward branch's body containing no other loop) with the most vector
     FMAs, else the most scalar FP ops; its instructions without the closing branch."""
-    loops = []
-    for i, (addr, text) in enumerate(insns):
-        m = _BRANCH.match(text)
-        if m and int(m.group(2), 16) <= addr:
-            start = next((j for j, (a, _) in enumerate(insns) if a == int(m.group(2), 16)), None)
-            if start is not None:
-                loops.append((start, i))
+    index = {a: j for j, (a, _) in enumerate(insns)}
+    branches = [(i, int(m.group(2), 16)) for i, (_, t) in enumerate(insns) if (m := _BRANCH.match(t))]
+    loops = [(index[to], i) for i, to in branches if to <= insns[i][0] and to in index]
     inner = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
 
     def weight(se):
-        body = insns[se[0]:se[1]]
-        return (sum(1 for _, t in body if _VFMA[arch].match(t)), sum(1 for _, t in body if _SCALAR[arch].match(t)))
+        body = [t for _, t in insns[se[0]:se[1]]]
+        return _count(_VFMA[arch], body), _count(_SCALAR[arch], body)
 
     if not inner:
         return []
@@ -154,7 +152,7 @@ def report(artifact: str | Path, mcpu: str | None = None, clock_ghz: float | Non
             continue
         insns = funcs.get(f"{k['symbol']}_compute_") or funcs.get(k["symbol"]) or []
         body = hot_loop(insns, arch)
-        n_fma = sum(1 for t in body if _VFMA[arch].match(t))
+        n_fma = _count(_VFMA[arch], body)
         if not body or not n_fma:
             cycles = pct = est = 0.0
         else:
@@ -163,11 +161,9 @@ def report(artifact: str | Path, mcpu: str | None = None, clock_ghz: float | Non
             est = k["macs"] * k.get("calls", 1) / (n_fma * lanes) * cycles / (clock * 1e6)
         rows.append(KernelEstimate(
             name=k["name"], kind=k["kind"], source=k["source"], macs=k["macs"], calls=k.get("calls", 1),
-            vector_fmas=n_fma, scalar_fp=sum(1 for t in body if _SCALAR[arch].match(t)),
-            spills=sum(1 for t in body if _STACK[arch].search(t)), instructions=len(body),
-            cycles_per_iter=round(cycles, 2), est_pct_of_peak=round(pct, 1), est_ms=round(est, 3)))
-    scalar_only = [r.name for r in rows if r.vector_fmas == 0]
-    total_macs = sum(r.macs * r.calls for r in rows)
+            vector_fmas=n_fma, scalar_fp=_count(_SCALAR[arch], body), spills=_count(_STACK[arch], body),
+            instructions=len(body), cycles_per_iter=round(cycles, 2), est_pct_of_peak=round(pct, 1),
+            est_ms=round(est, 3)))
     est_ms = sum(r.est_ms for r in rows)
     return {
         "artifact": str(art), "model": m["model"], "target": m["target"]["name"], "arch": arch, "mcpu": mcpu,
@@ -175,10 +171,10 @@ def report(artifact: str | Path, mcpu: str | None = None, clock_ghz: float | Non
         "peak_vector_fmas_per_cycle": round(peak, 2),
         "peak_gflops_one_core": round(peak * lanes * 2 * clock, 1),
         "kernels": [asdict(r) for r in rows],
-        "total_macs": total_macs,
+        "total_macs": sum(r.macs * r.calls for r in rows),
         "est_compute_ms_one_core": round(est_ms, 2),
         "est_compute_ms_all_cores": round(est_ms / int(tvm_target.get("num-cores", 1)), 2),
-        "kernels_without_vector_fma": scalar_only,
+        "kernels_without_vector_fma": [r.name for r in rows if r.vector_fmas == 0],
         "note": ("estimates from LLVM's scheduling model of the hot loop of each kernel: no cache misses, "
                  "memory stalls or threading overhead; only the convolution and dense kernels are counted"),
     }

@@ -11,9 +11,9 @@ Standard library only at import time (the CLI imports this module in runtime-onl
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,10 +24,7 @@ from pathlib import Path
 
 import mbn_codegen
 
-from .errors import ArtifactError, MbnError
-
-__all__ = ["BundleError", "CompilerNotInstalledError", "COMPILE_MODULES", "compiler_missing", "PYTHONS",
-           "PLATFORMS", "wheel_cache", "build_wheel", "download_wheels", "bundle"]
+from .errors import MbnError
 
 
 class BundleError(MbnError):
@@ -65,14 +62,12 @@ def compiler_missing(exc: BaseException) -> CompilerNotInstalledError | None:
     else:
         return None
     if root == "tomllib":       # the standard library's since 3.11; the target files need it
-        return CompilerNotInstalledError(
-            f"the compiler side needs Python 3.11 or newer (this is {sys.version_info[0]}.{sys.version_info[1]}): "
-            "make a 3.11 venv and pip install 'mbn-codegen[compile]' there (make setup). "
-            "This install can run artifacts: mbn-codegen run ARTIFACT [photo]")
-    return CompilerNotInstalledError(
-        f"the compiler side is not installed ({COMPILE_MODULES[root]} is missing): "
-        "pip install 'mbn-codegen[compile]' (in a source checkout: make setup). "
-        "This install can run artifacts: mbn-codegen run ARTIFACT [photo]")
+        fix = (f"the compiler side needs Python 3.11 or newer (this is {sys.version_info[0]}.{sys.version_info[1]}): "
+               "make a 3.11 venv and pip install 'mbn-codegen[compile]' there (make setup)")
+    else:
+        fix = (f"the compiler side is not installed ({COMPILE_MODULES[root]} is missing): "
+               "pip install 'mbn-codegen[compile]' (in a source checkout: make setup)")
+    return CompilerNotInstalledError(fix + ". This install can run artifacts: mbn-codegen run ARTIFACT [photo]")
 
 
 def wheel_cache() -> Path:
@@ -94,15 +89,7 @@ def _tail(s: str, n: int = 12) -> str:
     return "\n".join(lines[-n:])
 
 
-def _source_root() -> Path | None:
-    root = Path(mbn_codegen.__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and re.search(r'^name\s*=\s*"mbn-codegen"', pyproject.read_text(), re.M):
-        return root
-    return None
-
-
-def build_wheel(dest: str | os.PathLike, log=print) -> Path:
+def build_wheel(dest: str | os.PathLike) -> Path:
     """Build mbn-codegen's wheel from this source checkout into `dest`; returns its path.
 
     The sources are copied first: setuptools reuses an in-tree build/ folder, which can carry
@@ -113,12 +100,13 @@ def build_wheel(dest: str | os.PathLike, log=print) -> Path:
     except ImportError:
         raise BundleError("building the wheel reads pyproject.toml with tomllib (Python 3.11+): run on the "
                           "host's Python 3.11 venv, or pass --wheel FILE") from None
-    root = _source_root()
-    if root is None:
+    root = Path(mbn_codegen.__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    conf = tomllib.loads(pyproject.read_text()) if pyproject.is_file() else {}
+    if conf.get("project", {}).get("name") != "mbn-codegen":
         raise BundleError(f"mbn_codegen at {Path(mbn_codegen.__file__).parent} is not in a source checkout, "
                           "so there is no wheel to build: pass --wheel FILE (e.g. from `pip wheel --no-deps "
                           "<checkout>` or `pip download --no-deps mbn-codegen`)")
-    conf = tomllib.loads((root / "pyproject.toml").read_text())
     dirs = set(conf.get("tool", {}).get("setuptools", {}).get("package-dir", {}).values()) or {"mbn_codegen"}
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -132,11 +120,8 @@ def build_wheel(dest: str | os.PathLike, log=print) -> Path:
             elif p.is_file():
                 shutil.copy2(p, src / name)
         args = ["wheel", "--no-deps", "-q", "-w", str(dest), str(src)]
-        try:
-            import setuptools  # noqa: F401
+        if importlib.util.find_spec("setuptools"):
             args.insert(1, "--no-build-isolation")    # no network needed for the build backend
-        except ImportError:
-            pass
         r = _pip(args)
         if r.returncode != 0:
             raise BundleError(f"pip wheel failed for {root}:\n{_tail(r.stderr or r.stdout)}")
@@ -146,22 +131,11 @@ def build_wheel(dest: str | os.PathLike, log=print) -> Path:
     return wheels[-1]
 
 
-def _check_python(python: str) -> str:
-    python = str(python).removeprefix("python")
-    if python not in PYTHONS:
-        raise BundleError(f"board Python {python!r}: mbn-codegen's runtime supports {', '.join(PYTHONS)}; "
-                          "pass the board's `python3 --version`, e.g. --python 3.11")
-    return python
-
-
 def download_wheels(requirements: list[str], arch: str, python: str, dest: str | os.PathLike,
                     log=print) -> list[Path]:
     """`pip download` the wheels (with dependencies) of `requirements` for `arch` and CPython `python`
-    into `dest`. A local cache serves reruns without network; PyPI is asked only for what it lacks."""
-    arch = _ARCH_NAMES.get(arch, arch)
-    if arch not in PLATFORMS:
-        raise BundleError(f"no wheels for architecture {arch!r}: bundles are made for {', '.join(PLATFORMS)}")
-    python = _check_python(python)
+    into `dest`. A local cache serves reruns without network; PyPI is asked only for what it lacks.
+    `arch` is a PLATFORMS key and `python` one of PYTHONS (bundle checks both)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     cache = wheel_cache() / f"{arch}-cp{python.replace('.', '')}"
@@ -183,20 +157,6 @@ def download_wheels(requirements: list[str], arch: str, python: str, dest: str |
     return sorted(dest.glob("*.whl"))
 
 
-def _manifest(artifact: Path) -> dict:
-    from .runtime import MANIFEST, validate_manifest
-
-    path = artifact / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{artifact} has no {MANIFEST}: pass an artifact directory written by "
-                            "`mbn-codegen build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} cannot be read as JSON ({e}): rebuild the artifact") from None
-    return validate_manifest(manifest, path)
-
-
 def bundle(artifact: str | os.PathLike, python: str = "3.11", out: str | os.PathLike | None = None,
            wheel: str | os.PathLike | None = None, log=print) -> Path:
     """Write `out` (default: next to the artifact, <name>-bundle-py<python>.tar.gz) holding
@@ -209,12 +169,14 @@ def bundle(artifact: str | os.PathLike, python: str = "3.11", out: str | os.Path
 
     `wheel` is mbn-codegen's wheel to ship; default: built from this source checkout.
     """
+    from .runtime import read_manifest
+
     artifact = Path(artifact).resolve()
-    if not artifact.is_dir():
-        raise ArtifactError(f"{artifact} is not a directory: pass an artifact directory written by "
-                            "`mbn-codegen build`")
-    manifest = _manifest(artifact)
-    python = _check_python(python)
+    manifest = read_manifest(artifact)
+    python = str(python).removeprefix("python")
+    if python not in PYTHONS:
+        raise BundleError(f"board Python {python!r}: mbn-codegen's runtime supports {', '.join(PYTHONS)}; "
+                          "pass the board's `python3 --version`, e.g. --python 3.11")
     arch = _ARCH_NAMES.get(manifest["arch"], manifest["arch"])
     if arch not in PLATFORMS:
         raise BundleError(f"{artifact} is built for {arch!r}; bundles carry wheels for {', '.join(PLATFORMS)}")
@@ -229,7 +191,7 @@ def bundle(artifact: str | os.PathLike, python: str = "3.11", out: str | os.Path
         wheels = root / "wheels"
         if wheel is None:
             log("building mbn-codegen's wheel from the source checkout")
-            own = build_wheel(Path(tmp) / "own", log)
+            own = build_wheel(Path(tmp) / "own")
         else:
             own = Path(wheel)
             if not (own.is_file() and own.name.startswith("mbn_codegen-") and own.suffix == ".whl"):
@@ -302,6 +264,7 @@ pip_install() {  # $1 = python; then pip's options
     py=$1; shift
     "$py" "$PIP" install --no-index --find-links "$HERE/wheels" --disable-pip-version-check "$@"
 }
+run=$PYTHON
 case $mode in
     venv)
         "$PYTHON" -m venv --without-pip "$dest" \
@@ -309,22 +272,19 @@ case $mode in
         dest=$(cd "$dest" && pwd)
         pip_install "$dest/bin/python" mbn-codegen pip
         run="$dest/bin/python"
-        show="$dest/bin/python"
         ;;
     user)
         pip_install "$PYTHON" --user mbn-codegen
-        run=$PYTHON
-        show=$PYTHON
         ;;
     site)
         pip_install "$PYTHON" --target "$dest" mbn-codegen
         dest=$(cd "$dest" && pwd)
         PYTHONPATH="$dest${PYTHONPATH:+:$PYTHONPATH}"
         export PYTHONPATH
-        run=$PYTHON
-        show="PYTHONPATH=$dest $PYTHON"
         ;;
 esac
+show=$run
+[ "$mode" != site ] || show="PYTHONPATH=$dest $PYTHON"
 
 echo "== self-check of $ARTIFACT"
 "$run" -m mbn_codegen.cli.main run "$ARTIFACT"

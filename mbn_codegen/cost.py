@@ -22,6 +22,7 @@ Where the paper's printed numbers disagree with the exact count, the paper is at
 from __future__ import annotations
 
 import os
+from math import prod
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -49,14 +50,10 @@ class Layer:
     bn_params: int = 0  # BatchNorm gamma + beta
     biases: int = 0
 
-    @property
-    def weights(self) -> int:
-        return self.params - self.biases
-
     def count(self, convention: str = "paper") -> int:
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown parameter convention {convention!r}: use one of {CONVENTIONS}")
-        return {"paper": self.weights, "biases": self.params, "torch": self.params + self.bn_params}[convention]
+        return {"paper": self.params - self.biases, "biases": self.params, "torch": self.params + self.bn_params}[convention]
 
 
 class KindCost(NamedTuple):
@@ -176,12 +173,6 @@ def onnx_mult_adds(onnx_model) -> dict[str, int]:
     shapes = {i.name: list(i.dims) for i in graph.initializer}
     for vi in [*graph.input, *graph.value_info, *graph.output]:
         shapes.setdefault(vi.name, [d.dim_value for d in vi.type.tensor_type.shape.dim])
-
-    def prod(xs):
-        p = 1
-        for x in xs:
-            p *= x
-        return p
 
     totals = dict.fromkeys(("conv", "dw", "pw", "fc"), 0)
     for node in graph.node:

@@ -28,16 +28,6 @@ from pathlib import Path
 import mbn_codegen
 from mbn_codegen.errors import MbnError
 
-__all__ = [
-    "EmulationUnavailableError",
-    "arm64_root",
-    "qemu_binary",
-    "qemu_available",
-    "arm64_python_command",
-    "arm64_env",
-    "run_python_arm64",
-]
-
 _SETUP_HINT = "run scripts/arm64_sysroot.sh (make arm64-sysroot)"
 _QEMU_HINT = "install Debian package qemu-user"
 
@@ -54,6 +44,9 @@ _HOST_VARS_DROPPED = frozenset({
     "VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT", "__PYVENV_LAUNCHER__", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
     "TVM_LIBRARY_PATH", "TVM_HOME",  # would point tvm's libinfo at the host's x86-64 libtvm*.so
 })
+# LD_PRELOAD / LD_LIBRARY_PATH with x86-64 libraries break the emulated dynamic loader; QEMU_*
+# settings (QEMU_LD_PREFIX, QEMU_CPU, ...) would override the command line.
+_HOST_PREFIXES_DROPPED = ("LD_", "QEMU_")
 
 
 class EmulationUnavailableError(MbnError):
@@ -63,13 +56,7 @@ class EmulationUnavailableError(MbnError):
 def arm64_root() -> Path:
     """Where scripts/arm64_sysroot.sh puts the emulation environment."""
     env = os.environ.get("MBN_ARM64_ROOT")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "mbn-codegen" / "arm64"
-
-
-def _sysroot(root: Path) -> Path:
-    return root / "sysroot"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mbn-codegen" / "arm64"
 
 
 def _python(root: Path) -> Path:
@@ -118,20 +105,14 @@ def _package_root() -> Path:
     return shim
 
 
-def _require() -> Path:
+def arm64_python_command(args: Sequence[str]) -> list[str]:
+    """argv that runs the emulated ``python3.11 <args>``; use with :func:`arm64_env`.
+    EmulationUnavailableError when emulation is not available."""
     reason = qemu_available()
     if reason is not None:
         raise EmulationUnavailableError(f"cannot run aarch64 code under emulation: {reason}")
-    return arm64_root()
-
-
-def arm64_python_command(args: Sequence[str]) -> list[str]:
-    """argv that runs the emulated ``python3.11 <args>``; use with :func:`arm64_env`.
-
-    Raises EmulationUnavailableError when emulation is not available.
-    """
-    root = _require()
-    return [qemu_binary(), "-L", str(_sysroot(root)), str(_python(root)), *map(str, args)]
+    root = arm64_root()
+    return [qemu_binary(), "-L", str(root / "sysroot"), str(_python(root)), *map(str, args)]
 
 
 def arm64_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -141,18 +122,10 @@ def arm64_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     ``env`` (never the host's). Variables in ``env`` are applied last and win otherwise.
     """
     root = arm64_root()
-    out: dict[str, str] = {}
+    out = {key: value for key, value in os.environ.items()
+           if not (key.startswith("PYTHON") and key not in _PYTHON_VARS_KEPT)
+           and key not in _HOST_VARS_DROPPED and not key.startswith(_HOST_PREFIXES_DROPPED)}
     venv = os.environ.get("VIRTUAL_ENV")
-    for key, value in os.environ.items():
-        if key.startswith("PYTHON") and key not in _PYTHON_VARS_KEPT:
-            continue
-        if key in _HOST_VARS_DROPPED:
-            continue
-        # LD_PRELOAD / LD_LIBRARY_PATH with x86-64 libraries break the emulated dynamic loader;
-        # QEMU_* settings (QEMU_LD_PREFIX, QEMU_CPU, ...) would override the command line.
-        if key.startswith(("LD_", "QEMU_")):
-            continue
-        out[key] = value
     if venv and "PATH" in out:  # keep `python` in child processes from meaning the host venv
         venv_bin = str(Path(venv) / "bin")
         out["PATH"] = os.pathsep.join(p for p in out["PATH"].split(os.pathsep) if p != venv_bin)
@@ -166,33 +139,14 @@ def arm64_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def run_python_arm64(
-    args: list[str],
-    env: dict | None = None,
-    timeout: float = 600,
-    cwd=None,
-    *,
-    capture_output: bool = True,
-    text: bool = True,
-    check: bool = False,
-) -> subprocess.CompletedProcess:
-    """Run ``qemu-aarch64 -L <sysroot> <sysroot>/usr/bin/python3.11 <args>``.
+def run_python_arm64(args: list[str], env: dict | None = None, timeout: float | None = 600, cwd=None, *,
+                     capture_output: bool = True) -> subprocess.CompletedProcess:
+    """Run ``qemu-aarch64 -L <sysroot> <sysroot>/usr/bin/python3.11 <args>`` with :func:`arm64_env`
+    (``env`` added), stdout/stderr captured as text unless ``capture_output=False``.
 
     ``args`` are the python arguments, e.g. ``["-c", code]`` or ``["script.py", "m.so"]``.
-    ``env`` adds to (and overrides) the cleaned host environment, see :func:`arm64_env`.
-    stdout/stderr are captured as text unless ``capture_output=False``.
-
-    Raises EmulationUnavailableError (an MbnError) when qemu-aarch64 or the sysroot is missing,
-    subprocess.TimeoutExpired after ``timeout`` seconds, and CalledProcessError on a non-zero
-    exit only when ``check=True``.
+    Raises EmulationUnavailableError when qemu-aarch64 or the sysroot is missing, and
+    subprocess.TimeoutExpired after ``timeout`` seconds.
     """
-    cmd = arm64_python_command(args)
-    return subprocess.run(
-        cmd,
-        env=arm64_env(env),
-        cwd=cwd,
-        timeout=timeout,
-        capture_output=capture_output,
-        text=text,
-        check=check,
-    )
+    return subprocess.run(arm64_python_command(args), env=arm64_env(env), cwd=cwd, timeout=timeout,
+                          capture_output=capture_output, text=True)

@@ -49,19 +49,15 @@ class TuningError(MbnError):
     """A tune that cannot start: bad budget, space, kernel name, board or tracker."""
 
 
-class DatabaseError(MbnError):
+class CorruptDatabaseError(MbnError):
     """A tuning database that cannot be used as it is."""
 
 
-class CorruptDatabaseError(DatabaseError):
-    pass
-
-
-class DatabaseLockedError(DatabaseError):
+class DatabaseLockedError(MbnError):
     """Another live tune holds the database's lock."""
 
 
-class ForeignDatabaseError(DatabaseError):
+class ForeignDatabaseError(MbnError):
     """Records tuned for a target whose CPU features the build target lacks."""
 
 

@@ -95,15 +95,14 @@ def fix_input_shape(model, batch: int = 1, resolution: int | None = None,
         raise OnnxModelError(f"{where}input {name!r} has dynamic height/width {shape}; pass "
                              "--resolution N (e.g. 224) to build for N x N, or export with a fixed size")
     if resolution is not None:
-        fixed = [shape[i] for i in (2, 3) if shape[i] is not None]
-        if any(d != resolution for d in fixed):
+        if any(shape[i] not in (None, resolution) for i in (2, 3)):
             raise OnnxModelError(
                 f"{where}input {name!r} has the fixed shape {shape}, which --resolution {resolution} "
                 "cannot change: leave --resolution out, or re-export with dynamic height/width "
                 "(torch.onnx.export(..., dynamic_axes={'input': {2: 'H', 3: 'W'}}))")
         for i in dynamic:
             shape[i] = resolution
-    if any(d is None for d in shape[1:]):
+    if None in shape[1:]:
         raise OnnxModelError(f"{where}input {name!r} has symbolic dims {shape}; export with a fixed "
                              "NCHW input shape")
     return name, tuple(int(d) for d in shape)
@@ -131,74 +130,16 @@ def fold_shapes(model, input_shape: tuple[int, ...]):
     """A copy of `model` whose shape arithmetic is folded into constants, given the concrete
     input shape: TVM's frontend imports Shape -> Gather -> Slice as dynamic ops (shape_of,
     take, dynamic_strided_slice) that its legalisation cannot lower, although with a fixed input
-    every value is known. Shape nodes become constants from ONNX shape inference, then every node
-    of _FOLDABLE whose inputs are all constant is evaluated by ONNX's reference evaluator; repeated
-    until nothing changes. A graph without Shape/Size nodes is returned as it is."""
-    import onnx
-    from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
+    every value is known. onnxscript's constant folder does it, on _FOLDABLE nodes only. A graph
+    without Shape/Size nodes is returned as it is."""
+    from onnxscript import ir, optimizer
 
     if not any(n.op_type in ("Shape", "Size") for n in model.graph.node):
         return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    name = graph_inputs(m)[0][0]
-    inp = next(i for i in m.graph.input if i.name == name)
-    for d, v in zip(inp.type.tensor_type.shape.dim, input_shape):
-        d.Clear()
-        d.dim_value = int(v)
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), OPSET)
-    while True:
-        try:
-            m = onnx.shape_inference.infer_shapes(m)
-        except Exception:
-            return model
-        g = m.graph
-        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        shapes = {}
-        for vi in [*g.input, *g.value_info, *g.output]:
-            dims = vi.type.tensor_type.shape.dim
-            if all(d.HasField("dim_value") for d in dims):
-                shapes[vi.name] = [d.dim_value for d in dims]
-        folded, keep = {}, []
-        for node in g.node:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE or len(node.output) != 1:
-                keep.append(node)
-                continue
-            known = {**consts, **folded}
-            value = None
-            if node.op_type in ("Shape", "Size") and node.input[0] in shapes:
-                value = _shape_value(node, shapes[node.input[0]])
-            elif all(i in known for i in node.input if i) and \
-                    all(known[i].size <= _FOLD_MAX_ELEMENTS for i in node.input if i):
-                one = helper.make_model(
-                    helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(node.output[0], 0, None)],
-                                      [numpy_helper.from_array(known[i], i) for i in node.input if i]),
-                    opset_imports=[helper.make_opsetid("", opset)])
-                try:
-                    value = ReferenceEvaluator(one).run(None, {})[0]
-                except Exception:   # left to the frontend, which names what it cannot import
-                    value = None
-            if value is None or np.asarray(value).size > _FOLD_MAX_ELEMENTS:
-                keep.append(node)
-                continue
-            folded[node.output[0]] = np.asarray(value)
-        if not folded:
-            break
-        del g.node[:]
-        g.node.extend(keep)
-        g.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
-        del g.value_info[:]
-    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    live = [t for t in m.graph.initializer if t.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(live)
-    return m
-
-
-def _shape_value(node, shape: list[int]) -> np.ndarray:
-    if node.op_type == "Size":
-        return np.array(int(np.prod(shape)), dtype=np.int64)
-    attrs = {a.name: a.i for a in node.attribute}
-    start, end = attrs.get("start", 0), attrs.get("end", len(shape))
-    return np.array(shape[start:end], dtype=np.int64)
+    m = ir.serde.deserialize_model(model)
+    next(v for v in m.graph.inputs if v.name not in m.graph.initializers).shape = ir.Shape(input_shape)
+    optimizer.fold_constants_ir(
+        m, onnx_shape_inference=True, input_size_limit=_FOLD_MAX_ELEMENTS, output_size_limit=_FOLD_MAX_ELEMENTS,
+        should_fold=lambda n: None if n.domain in ("", "ai.onnx") and n.op_type in _FOLDABLE else False)
+    optimizer.remove_unused_nodes(m)
+    return ir.serde.serialize_model(m)

@@ -56,14 +56,12 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"image {p}: not a regular file")
     try:
         with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)  # writable copy
+            return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)  # writable copy
     except UnidentifiedImageError:
         raise ValueError(f"image {p}: not an image format PIL can read "
                          "(expected JPEG, PNG, BMP, GIF, TIFF, WebP, ...)") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt data, permissions
         raise ValueError(f"image {p}: cannot be decoded ({type(e).__name__}: {e})") from None
-    return np.ascontiguousarray(arr)
 
 
 def _as_rgb_uint8(img: np.ndarray) -> np.ndarray:
@@ -98,22 +96,11 @@ def preprocess(img: np.ndarray, resolution: int = 224) -> np.ndarray:
     img = _as_rgb_uint8(img)
     h, w = img.shape[:2]
     size = int(round(r * 256 / 224))
-    # torchvision _compute_resized_output_size: short side -> size, long side truncated
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    pil = Image.fromarray(img) if (new_w, new_h) == (w, h) else \
-        Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR)
-    arr = np.asarray(pil, dtype=np.uint8)
-    # torchvision center_crop (pads with zeros if the image is smaller than the crop)
-    if new_h < r or new_w < r:
-        pad_h, pad_w = max(r - new_h, 0), max(r - new_w, 0)
-        arr = np.pad(arr, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
-        new_h, new_w = arr.shape[:2]
-    top = int(round((new_h - r) / 2.0))
-    left = int(round((new_w - r) / 2.0))
-    arr = arr[top:top + r, left:left + r]
-    x = arr.astype(np.float32) / np.float32(255.0)
+    # torchvision _compute_resized_output_size: short side -> size, long side truncated. As
+    # size >= r, torchvision's center_crop never pads here.
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    top, left = int(round((new_h - r) / 2.0)), int(round((new_w - r) / 2.0))
+    pil = Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + r, top + r))
+    x = np.asarray(pil, dtype=np.float32) / np.float32(255.0)
     x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])

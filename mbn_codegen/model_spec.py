@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,37 +51,31 @@ class ModelSpec:
     def describe(self) -> str:
         return self.onnx or f"{self.name} with weights {self.weights or '(random)'}"
 
-    def export(self, path: str | os.PathLike) -> dict:
-        """A zoo model -> ONNX at `path`; returns the manifest's model facts."""
-        from .models.calibrate import make_live
-
-        res = self.zoo_resolution
-        model = models.create(self.name, self.alpha, res, self.num_classes, self.weights)
-        if self.weights is None:
-            make_live(model, seed=self.seed)
-        _check_finite_state_dict(model, self.weights)
-        export_onnx(model, path, res)
-        return {"name": self.name, "alpha": self.alpha, "resolution": res, "num_classes": self.num_classes,
-                "weights": self.weights or f"random (live, seed={self.seed}): not trained, for testing only"}
-
     def write_onnx(self, path: Path, log: Callable[[str], None] = print) -> PreparedModel:
         """The ONNX file the compiler reads, at `path` (the user's copied, or a zoo model exported),
         loaded, checked for NaN/Inf weights and with a concrete input shape."""
         if self.onnx:
             shutil.copyfile(self.onnx, path)
-            onnx_model = load_onnx(path)
             info = {"name": "onnx:" + Path(self.onnx).name, "source_onnx": str(self.onnx)}
-            _check_finite_onnx(onnx_model, self.onnx)
-            input_name, shape = fix_input_shape(onnx_model, resolution=self.resolution, source=self.onnx)
-            if graph_inputs(onnx_model)[0][1][2:] != list(shape[2:]):
-                log(f"input {input_name!r} has dynamic height/width: building for {shape[2]}x{shape[3]}")
-                info["resolution"] = shape[2]
         else:
-            log(f"export {self.name} alpha={self.alpha:g} resolution={self.zoo_resolution} -> ONNX")
-            info = self.export(path)
-            onnx_model = load_onnx(path)
-            _check_finite_onnx(onnx_model, f"the exported {self.name}")
-            input_name, shape = fix_input_shape(onnx_model)
+            from .models.calibrate import make_live
+
+            res = self.zoo_resolution
+            log(f"export {self.name} alpha={self.alpha:g} resolution={res} -> ONNX")
+            model = models.create(self.name, self.alpha, res, self.num_classes, self.weights)
+            if self.weights is None:
+                make_live(model, seed=self.seed)
+            _check_finite_state_dict(model, self.weights)
+            export_onnx(model, path, res)
+            info = {"name": self.name, "alpha": self.alpha, "resolution": res, "num_classes": self.num_classes,
+                    "weights": self.weights or f"random (live, seed={self.seed}): not trained, for testing only"}
+        onnx_model = load_onnx(path)
+        _check_finite_onnx(onnx_model, self.onnx or f"the exported {self.name}")
+        # a zoo export has a fixed input of its resolution
+        input_name, shape = fix_input_shape(onnx_model, resolution=self.resolution, source=self.onnx)
+        if graph_inputs(onnx_model)[0][1][2:] != list(shape[2:]):
+            log(f"input {input_name!r} has dynamic height/width: building for {shape[2]}x{shape[3]}")
+            info["resolution"] = shape[2]
         return PreparedModel(Path(path), onnx_model, input_name, shape, info)
 
     def reference_input(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -143,28 +136,24 @@ def with_model_fields(cls):
     return cls
 
 
-def _nonfinite_summary(named) -> tuple[int, list[str]]:
-    bad = []
-    total = 0
-    for name, a in named:
-        total += 1
+def _nonfinite(named, what: str) -> str | None:
+    """'k of n <what> hold NaN/Inf: name (1 NaN of 9), ...', or None when all are finite."""
+    bad, total = [], 0
+    for total, (name, a) in enumerate(named, 1):
         a = np.asarray(a)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
-            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-            what = " and ".join(w for w in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if w)
-            bad.append(f"{name} ({what} of {a.size})")
-    return total, bad
+            counts = {"NaN": int(np.isnan(a).sum()), "Inf": int(np.isinf(a).sum())}
+            bad.append(f"{name} ({' and '.join(f'{n} {kind}' for kind, n in counts.items() if n)} of {a.size})")
+    return f"{len(bad)} of {total} {what} hold NaN/Inf: {models.short_list(bad, 5)}" if bad else None
 
 
 def _check_finite_state_dict(model, weights: str | None) -> None:
     sd = model.state_dict()
-    total, bad = _nonfinite_summary((k, v.detach().cpu().numpy()) for k, v in sd.items()
-                                    if v.is_floating_point())
+    what = _nonfinite(((k, v.detach().cpu().numpy()) for k, v in sd.items() if v.is_floating_point()), "tensors")
     neg_var = [k for k, v in sd.items() if k.endswith("running_var") and bool((v < 0).any())]
-    if bad or neg_var:
-        what = (f"{len(bad)} of {total} tensors hold NaN/Inf: {', '.join(bad[:5])}"
-                + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")) if bad else \
-            f"BatchNorm running_var < 0 in {', '.join(neg_var[:5])} (its sqrt is NaN)"
+    if neg_var and not what:
+        what = f"BatchNorm running_var < 0 in {', '.join(neg_var[:5])} (its sqrt is NaN)"
+    if what:
         raise NonFiniteModelError(
             f"weights {weights or '(random)'}: {what}. The compiled model would output NaN for "
             "every image and fail its self-check on the board: use a checkpoint from before "
@@ -174,18 +163,14 @@ def _check_finite_state_dict(model, weights: str | None) -> None:
 def _check_finite_onnx(onnx_model, source: str) -> None:
     from onnx import numpy_helper
 
-    named = [(t.name, numpy_helper.to_array(t)) for t in onnx_model.graph.initializer]
-    for node in onnx_model.graph.node:
-        if node.op_type == "Constant":
-            for att in node.attribute:
-                if att.HasField("t"):
-                    named.append((node.output[0], numpy_helper.to_array(att.t)))
-    total, bad = _nonfinite_summary(named)
-    if bad:
-        raise NonFiniteModelError(
-            f"{source}: {len(bad)} of {total} weight tensors hold NaN/Inf: {', '.join(bad[:5])}"
-            + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "") + ". The compiled model would "
-            "output NaN for every image: re-export it from finite weights")
+    g = onnx_model.graph
+    named = [(t.name, numpy_helper.to_array(t)) for t in g.initializer]
+    named += [(node.output[0], numpy_helper.to_array(att.t)) for node in g.node if node.op_type == "Constant"
+              for att in node.attribute if att.HasField("t")]
+    what = _nonfinite(named, "weight tensors")
+    if what:
+        raise NonFiniteModelError(f"{source}: {what}. The compiled model would output NaN for every "
+                                  "image: re-export it from finite weights")
 
 
 def _check_finite_output(y: np.ndarray, source: str) -> None:

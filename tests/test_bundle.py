@@ -70,7 +70,7 @@ def _unpack(archive: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def own_wheel(tmp_path_factory) -> Path:
-    return build_wheel(tmp_path_factory.mktemp("wheel"), log=lambda s: None)
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")

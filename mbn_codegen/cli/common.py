@@ -3,29 +3,27 @@ they validate, the API does the work."""
 from __future__ import annotations
 
 import argparse
-import math
+
+
+def _checked(s: str, kind: type, ok, fix: str):
+    try:
+        v = kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not {'a number' if kind is float else 'an integer'}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{s}: {fix}")
+    return v
 
 
 def alpha(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if math.isnan(v) or not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{s}: the width multiplier must be in (0, 1], "
-                                         "e.g. 1.0, 0.75, 0.5, 0.25")
-    return v
+    # NaN fails the comparison too
+    return _checked(s, float, lambda v: 0.0 < v <= 1.0,
+                    "the width multiplier must be in (0, 1], e.g. 1.0, 0.75, 0.5, 0.25")
 
 
 def resolution(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v <= 0 or v % 32:
-        raise argparse.ArgumentTypeError(f"{s}: the resolution must be a positive multiple of 32 "
-                                         "(MobileNet downsamples by 32), e.g. 224, 192, 160, 128")
-    return v
+    return _checked(s, int, lambda v: v > 0 and v % 32 == 0, "the resolution must be a positive multiple "
+                    "of 32 (MobileNet downsamples by 32), e.g. 224, 192, 160, 128")
 
 
 def add_model_args(p: argparse.ArgumentParser, resolution_default: int | None = 224,

