@@ -29,7 +29,6 @@ import mbn_codegen
 from mbn_codegen.errors import MbnError
 
 _SETUP_HINT = "run scripts/arm64_sysroot.sh (make arm64-sysroot)"
-_QEMU_HINT = "install Debian package qemu-user"
 
 # PYTHON* variables that only change interpreter behaviour and are safe to pass through; every
 # other PYTHON* variable (PYTHONHOME, PYTHONPATH, PYTHONSTARTUP, PYTHONUSERBASE, PYTHONPLATLIBDIR,
@@ -71,7 +70,7 @@ def qemu_binary() -> str | None:
 def qemu_available() -> str | None:
     """None when Python can run under emulation, otherwise the reason it cannot (with the fix)."""
     if qemu_binary() is None:
-        return f"qemu-aarch64 not found on PATH: {_QEMU_HINT}"
+        return "qemu-aarch64 not found on PATH: install Debian package qemu-user"
     root = arm64_root()
     if not (root / ".complete").is_file():
         return f"arm64 sysroot missing or incomplete at {root}: {_SETUP_HINT}"

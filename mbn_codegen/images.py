@@ -68,12 +68,10 @@ def _as_rgb_uint8(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     if img.dtype != np.uint8:
         raise ValueError(f"preprocess expects a uint8 image (0..255), got dtype {img.dtype}")
+    if img.ndim == 3 and img.shape[2] in (1, 4):      # greyscale with a channel axis, or RGBA
+        img = img[:, :, 0] if img.shape[2] == 1 else img[:, :, :3]
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"preprocess expects an HxWx3 (or HxW) image, got shape {img.shape}")
     if img.shape[0] < 1 or img.shape[1] < 1:
