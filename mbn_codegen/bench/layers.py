@@ -53,13 +53,23 @@ def measure_layers(artifact: str, x: np.ndarray, rounds: int) -> dict:
         "method": f"instrument hook: clock before and after each kernel call inside whole runs, {rounds} runs"}
 
 
+def ort_session(spec, profile_prefix: str | None = None):
+    """ONNX Runtime on the CPU with the spec's threads; with a prefix it also writes its profile
+    (the per-layer column). The worker's timing session is built here too."""
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads = spec["threads"], 1
+    if profile_prefix:
+        o.enable_profiling, o.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(spec["onnx"], o, providers=["CPUExecutionProvider"])
+
+
 def measure_peer_layers(spec: dict, x: np.ndarray, rounds: int) -> dict:
     """ONNX Runtime's own profiler, the peer's per-layer times: each node's kernel time in execution order
     (its layout reorders are nodes of their own), over `rounds` runs after one warm-up run."""
     import json
     import tempfile
-
-    from .worker import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         sess = ort_session(spec, profile_prefix=f"{tmp}/ort")

@@ -117,17 +117,9 @@ def _torch(spec):
     return run
 
 
-def ort_session(spec, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    o = ort.SessionOptions()
-    o.intra_op_num_threads, o.inter_op_num_threads = spec["threads"], 1
-    if profile_prefix:
-        o.enable_profiling, o.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(spec["onnx"], o, providers=["CPUExecutionProvider"])
-
-
 def _onnxruntime(spec):
+    from .layers import ort_session
+
     sess = ort_session(spec)
     return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
