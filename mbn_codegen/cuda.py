@@ -26,12 +26,13 @@ Readers of what an artifact carries (`cuda_payloads`, `module_binary_format`) pa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import hashlib
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -41,7 +42,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 from .errors import ArtifactError, CrossCompilerMissingError, CudaCompileError, CudaToolkitMissingError
 
@@ -62,6 +65,8 @@ PYPI_TOOLKITS = {
     "11": ("nvidia-cuda-nvrtc-cu11==11.8.89", "nvidia-cuda-cccl-cu11==11.8.89.post1",
            "nvidia-cuda-runtime-cu11==11.8.89", "cuda-bindings==11.8.7"),
 }
+# PATH changes (nvcc) and the callback registration are process-wide
+_lock = threading.RLock()
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,9 +76,8 @@ PYPI_TOOLKITS = {
 @dataclass(frozen=True)
 class Toolkit:
     major: str
-    version: str             # "13.0.88" (nvcc --version) or "12.9" (nvrtcVersion)
+    version: str             # "13.0.88" (nvcc --version) or "12.9" (NVRTC)
     compiler: str            # "nvcc" or "nvrtc"
-    root: str                # CUDA_PATH for TVM's compile_cuda
     path: str                # the nvcc binary, or the folder holding the PyPI packages
 
     @property
@@ -81,8 +85,7 @@ class Toolkit:
         return "fatbin" if self.compiler == "nvcc" else "cubin"
 
     def to_dict(self) -> dict:
-        return {"major": self.major, "version": self.version, "compiler": self.compiler,
-                "path": self.path, "format": self.fmt}
+        return {**dataclasses.asdict(self), "format": self.fmt}
 
 
 def cache_dir(major: str) -> Path:
@@ -100,13 +103,9 @@ def find_nvcc() -> str | None:
     under TVM's find_cuda_path() (which follows `nvcc` on PATH), else /usr/local/cuda's."""
     from ._tvm import tvm_nvcc
 
-    if os.environ.get("CUDA_PATH"):
-        roots = [os.environ["CUDA_PATH"]]
-    else:
-        roots = []
-        with contextlib.suppress(RuntimeError):
-            roots.append(tvm_nvcc.find_cuda_path())
-        roots.append("/usr/local/cuda")
+    roots = [] if os.environ.get("CUDA_PATH") else ["/usr/local/cuda"]
+    with contextlib.suppress(RuntimeError):
+        roots.insert(0, tvm_nvcc.find_cuda_path())
     for root in roots:
         cand = Path(root) / "bin" / "nvcc"
         if cand.is_file() and os.access(cand, os.X_OK):
@@ -125,8 +124,15 @@ def require_nvcc() -> str:
     return nvcc
 
 
-@functools.lru_cache(maxsize=None)
-def _nvcc_version(nvcc: str) -> str:
+def _per_nvcc(fn):
+    """fn(nvcc=None), cached per nvcc binary; None means the system nvcc (require_nvcc)."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+    return functools.wraps(fn)(lambda nvcc=None: cached(nvcc or require_nvcc()))
+
+
+@_per_nvcc
+def nvcc_version(nvcc: str | None = None) -> str:
+    """'13.0.88' for the system nvcc (or `nvcc`)."""
     from ._tvm import tvm_nvcc
     # get_cuda_version reads <root>/version.txt first, which toolkits since 11.1 no longer ship
     try:
@@ -135,34 +141,25 @@ def _nvcc_version(nvcc: str) -> str:
         raise CrossCompilerMissingError(f"cannot read the version of {nvcc}: {e}") from None
 
 
-def nvcc_version(nvcc: str | None = None) -> str:
-    """'13.0.88' for the system nvcc (or `nvcc`)."""
-    return _nvcc_version(nvcc or require_nvcc())
-
-
-@functools.lru_cache(maxsize=None)
-def _nvcc_gpu_codes(nvcc: str) -> tuple[str, ...]:
-    proc = _run([nvcc, "--list-gpu-code"], check=False)
-    return tuple(w for w in proc.stdout.split() if re.fullmatch(r"sm_\d+[a-z]?", w))
-
-
+@_per_nvcc
 def nvcc_gpu_codes(nvcc: str | None = None) -> tuple[str, ...]:
     """Real architectures nvcc can emit SASS for (`nvcc --list-gpu-code`); TVM has no such query."""
-    return _nvcc_gpu_codes(nvcc or require_nvcc())
+    out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, errors="replace").stdout
+    return tuple(w for w in out.split() if re.fullmatch(r"sm_\d+[a-z]?", w))
 
 
-def _parse_arch(arch: str) -> tuple[str, str]:
-    m = re.fullmatch(r"sm_(\d{2,3})([af]?)", str(arch).strip())
+def _sm_number(arch: str) -> str:
+    m = re.fullmatch(r"sm_(\d{2,3})[af]?", str(arch).strip())
     if not m:
         raise CrossCompilerMissingError(
             f"CUDA arch {arch!r} is not of the form sm_XY (e.g. sm_87 for Jetson Orin, sm_90 for "
             "H100, sm_72 Xavier, sm_53 Nano)")
-    return m.group(1), m.group(2)
+    return m.group(1)
 
 
 def check_arch(arch: str, nvcc: str | None = None) -> str:
     """The nvcc path if it can compile for `arch`, else CrossCompilerMissingError naming both."""
-    number, _suffix = _parse_arch(arch)
+    number = _sm_number(arch)
     nvcc = nvcc or require_nvcc()
     codes = nvcc_gpu_codes(nvcc)
     if codes and f"sm_{number}" not in codes:
@@ -184,37 +181,27 @@ def install_toolkit(major: str, log=print) -> Path:
             f"no PyPI CUDA compiler is known for CUDA {major}: cuda_toolkit may be "
             f"{', '.join(sorted(PYPI_TOOLKITS))} or the system nvcc's major version")
     dest = cache_dir(major)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=_mkdir(dest.parent)))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     log(f"installing CUDA {major} NVRTC from PyPI into {dest}")
-    proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                 "--disable-pip-version-check", "--target", str(tmp), *PYPI_TOOLKITS[major]], check=False)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+                           "--target", str(tmp), *PYPI_TOOLKITS[major]],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CudaToolkitMissingError(
             f"could not install CUDA {major} NVRTC from PyPI (pip exit {proc.returncode}): "
             f"{proc.stdout.strip()[-1500:]}\nRetry with network access: {install_command(major)}")
-    _include_root(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     os.rename(tmp, dest)
-    _include_root(dest)                # symlinks are absolute: remake them at the final place
     return dest
 
 
-def _include_root(site: Path) -> Path:
-    """A CUDA_PATH-shaped folder (<root>/include) from the wheels' separate include folders."""
-    inc = site / "root" / "include"
-    shutil.rmtree(inc, ignore_errors=True)
-    inc.mkdir(parents=True)
-    for pkg in ("cuda_runtime", "cuda_cccl", "cuda_nvrtc"):
-        for f in (site / "nvidia" / pkg / "include").glob("*"):
-            if f.name not in ("__init__.py", "__pycache__") and not (inc / f.name).exists():
-                (inc / f.name).symlink_to(f)
-    return inc.parent
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+def _nvrtc_version(site: Path, major: str) -> str | None:
+    """'12.9' (what nvrtcVersion() reports) from the NVRTC wheel in `site`; None if none is there."""
+    for dist in metadata.distributions(name=f"nvidia-cuda-nvrtc-cu{major}", path=[str(site)]):
+        return ".".join(dist.version.split(".")[:2])
+    return None
 
 
 def find_toolkit(major: str | None = None, *, install: bool | None = None, log=print) -> Toolkit:
@@ -224,10 +211,12 @@ def find_toolkit(major: str | None = None, *, install: bool | None = None, log=p
     there first when `install` (default: unless MBN_CUDA_NO_INSTALL is set)."""
     nvcc = find_nvcc()
     if major is None or (nvcc is not None and nvcc_version(nvcc).split(".")[0] == str(major)):
-        return _nvcc_toolkit(require_nvcc())
+        version = nvcc_version(nvcc := require_nvcc())
+        return Toolkit(version.split(".")[0], version, "nvcc", nvcc)
     major = str(major)
     site = cache_dir(major)
-    if not (site / "root" / "include").is_dir():
+    version = _nvrtc_version(site, major)
+    if version is None:
         if install is None:
             install = not os.environ.get("MBN_CUDA_NO_INSTALL")
         if not install or major not in PYPI_TOOLKITS:
@@ -236,54 +225,27 @@ def find_toolkit(major: str | None = None, *, install: bool | None = None, log=p
                 f"this target must run on CUDA {major}, but {have} and {site} holds no CUDA {major} "
                 f"NVRTC; install it with `{install_command(major)}` (or point CUDA_PATH at a CUDA "
                 f"{major}.x toolkit)")
-        install_toolkit(major, log=log)
-    return Toolkit(major, _nvrtc_version(str(site)), "nvrtc", str(site / "root"), str(site))
-
-
-def _nvcc_toolkit(nvcc: str) -> Toolkit:
-    v = nvcc_version(nvcc)
-    return Toolkit(v.split(".")[0], v, "nvcc", str(Path(nvcc).parent.parent), nvcc)
-
-
-@functools.lru_cache(maxsize=None)
-def _nvrtc_version(site: str) -> str:
-    out = _nvrtc_child(site, ["version"]).stdout.strip().splitlines()
-    return out[-1] if out else "?"
+        version = _nvrtc_version(install_toolkit(major, log=log), major)
+    return Toolkit(major, version, "nvrtc", str(site))
 
 
 # Runs in a child with the PyPI packages first on sys.path: TVM's compile_cuda, through NVRTC.
+# Source on stdin, cubin on the original stdout; anything else printed goes to stderr.
 _NVRTC_CHILD = """
-import sys
-if sys.argv[1] == "version":
-    from cuda.bindings import nvrtc
-    _, major, minor = nvrtc.nvrtcVersion()
-    print(f"{major}.{minor}")
-else:
-    from mbn_codegen._tvm import Target, tvm_nvcc
-    src, arch, out = sys.argv[1:4]
-    with Target({"kind": "cuda", "arch": arch}):
-        data = tvm_nvcc.compile_cuda(open(src).read(), target_format="cubin", arch=arch, compiler="nvrtc")
-    open(out, "wb").write(data)
+import os, sys
+out = os.dup(1)
+os.dup2(2, 1)
+from mbn_codegen._tvm import Target, tvm_nvcc
+arch = sys.argv[1]
+with Target({"kind": "cuda", "arch": arch}):
+    data = tvm_nvcc.compile_cuda(sys.stdin.buffer.read().decode(), target_format="cubin", arch=arch, compiler="nvrtc")
+with os.fdopen(out, "wb") as f:
+    f.write(data)
 """
-
-
-def _nvrtc_child(site: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([site] + [p for p in sys.path if p])
-    env["CUDA_PATH"] = str(Path(site) / "root")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [str(Path(site) / "nvidia" / "cuda_nvrtc" / "lib"), env.get("LD_LIBRARY_PATH", "")])
-    # NVRTC 11.8 does not default to C++17 for libcu++ 1.9 (its __config fails without it);
-    # compile_cuda drops -std from `options`, but appends this variable's flags as they are
-    env["TVM_CUDA_NVRTC_EXTRA_OPTS"] = (env.get("TVM_CUDA_NVRTC_EXTRA_OPTS", "") + " -std=c++17").strip()
-    return subprocess.run([sys.executable, "-c", _NVRTC_CHILD, *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
 
 
 # --------------------------------------------------------------------------------------------
 # compiling
-
-_path_lock = threading.Lock()
 
 
 class DeviceCompiler:
@@ -291,97 +253,79 @@ class DeviceCompiler:
 
     def __init__(self, arch: str, toolkit: Toolkit | None = None):
         self.arch = str(arch).strip()
-        _parse_arch(self.arch)
+        _sm_number(self.arch)
         self.toolkit = toolkit or find_toolkit(None)
         if self.toolkit.compiler == "nvcc":
             check_arch(self.arch, self.toolkit.path)
-        self.fmt = self.toolkit.fmt
-        self.version = self.toolkit.version
         self.compiled = 0            # compiler runs (cache misses)
         self.seconds = 0.0
         self._cache: dict[str, bytes] = {}
-        self._lock = threading.Lock()
 
     def compile(self, source: str | bytes) -> bytes:
-        """CUDA C++ source -> fatbin (nvcc) or cubin (NVRTC) for self.arch; cached by source hash."""
-        if isinstance(source, bytes):
-            source = source.decode()
-        key = hashlib.sha256(source.encode()).hexdigest()
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-        t0 = time.perf_counter()
-        data = self._nvcc(source) if self.toolkit.compiler == "nvcc" else self._nvrtc(source)
-        with self._lock:
-            self._cache[key] = data
-            self.compiled += 1
-            self.seconds += time.perf_counter() - t0
-        return data
+        """CUDA C++ source -> fatbin (nvcc) or cubin (NVRTC) for self.arch; cached by source."""
+        source = source.decode() if isinstance(source, bytes) else str(source)
+        with _lock:
+            if source not in self._cache:
+                t0 = time.perf_counter()
+                self._cache[source] = self._nvcc(source) if self.toolkit.compiler == "nvcc" else self._nvrtc(source)
+                self.compiled += 1
+                self.seconds += time.perf_counter() - t0
+            return self._cache[source]
 
     def _nvcc(self, source: str) -> bytes:
         from ._tvm import Target, tvm_nvcc
 
-        number, suffix = _parse_arch(self.arch)
-        gencode = ["-gencode", f"arch=compute_{number}{suffix},code=sm_{number}{suffix}"]   # SASS only
-        # compile_cuda runs "nvcc" from PATH: put the chosen toolkit's first while it runs
-        with _path_lock, _env(PATH=os.pathsep.join([str(Path(self.toolkit.path).parent),
-                                                    os.environ.get("PATH", "")])), \
-                Target({"kind": "cuda", "arch": self.arch}):
+        # compile_cuda runs "nvcc" from PATH (the chosen toolkit's goes first) and, without `arch`,
+        # passes -gencode arch=compute_XY,code=sm_XY for the current target: SASS only
+        path = os.pathsep.join([str(Path(self.toolkit.path).parent), os.environ.get("PATH", "")])
+        with mock.patch.dict(os.environ, PATH=path), Target({"kind": "cuda", "arch": self.arch}):
             try:
-                return bytes(tvm_nvcc.compile_cuda(source, target_format="fatbin", arch=gencode,
-                                                   compiler="nvcc"))
+                return bytes(tvm_nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc"))
             except RuntimeError as e:
                 tail = str(e).split("Compilation error:")[-1].strip()[-4000:]
                 raise CudaCompileError(
-                    f"nvcc {self.version} failed to compile the generated CUDA source for "
+                    f"nvcc {self.toolkit.version} failed to compile the generated CUDA source for "
                     f"{self.arch}:\n{tail}") from None
 
     def _nvrtc(self, source: str) -> bytes:
-        with tempfile.TemporaryDirectory(prefix="mbn-nvrtc-") as tmp:
-            src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.cubin")
-            Path(src).write_text(source)
-            proc = _nvrtc_child(self.toolkit.path, [src, self.arch, out])
-            if proc.returncode != 0 or not os.path.isfile(out):
-                raise CudaCompileError(
-                    f"NVRTC {self.version} ({self.toolkit.path}) failed to compile the generated CUDA "
-                    f"source for {self.arch} (exit {proc.returncode}):\n{proc.stdout.strip()[-4000:]}")
-            return Path(out).read_bytes()
-
-    # -- hook 1: the compile callback (called by codegen where libcuda.so.1 exists) --------------
-    def callback(self, code, *_unused) -> bytearray:
-        return bytearray(self.compile(str(code)))
-
-    # -- hook 2: export_library(fpack_imports=...) ------------------------------------------------
-    def rewrite_blob(self, blob: bytes) -> bytes:
-        """Packed import blob with every CUDA-source entry replaced by compiled code."""
-        indptr, children, entries = _parse_blob(blob)
-        out = []
-        for kind, payload in entries:
-            if kind == "cuda" and payload is not None:
-                fmt, fmap, code = _split_cuda_payload(payload)
-                if fmt == "cuda":
-                    payload = _pstr(self.fmt) + fmap + _pbytes(self.compile(code))
-            out.append((kind, payload))
-        return _build_blob(indptr, children, out)
+        wheels = Path(self.toolkit.path) / "nvidia"
+        # compile_cuda drops -std and -I from `options` but appends this variable's flags as they are:
+        # NVRTC 11.8 does not default to C++17 for libcu++ 1.9 (its __config fails without it)
+        extra = f"-std=c++17 -I{shlex.quote(str(wheels / 'cuda_cccl' / 'include'))}"
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join([self.toolkit.path, *filter(None, sys.path)]),
+               "CUDA_PATH": str(wheels / "cuda_runtime"),          # compile_cuda adds <CUDA_PATH>/include
+               "LD_LIBRARY_PATH": os.pathsep.join([str(wheels / "cuda_nvrtc" / "lib"),
+                                                   os.environ.get("LD_LIBRARY_PATH", "")]),
+               "TVM_CUDA_NVRTC_EXTRA_OPTS": f"{os.environ.get('TVM_CUDA_NVRTC_EXTRA_OPTS', '')} {extra}".strip()}
+        proc = subprocess.run([sys.executable, "-c", _NVRTC_CHILD, self.arch], input=source.encode(),
+                              capture_output=True, env=env)
+        if proc.returncode != 0 or not proc.stdout:
+            log = proc.stderr.decode(errors="replace").strip()[-4000:]
+            raise CudaCompileError(
+                f"NVRTC {self.toolkit.version} ({self.toolkit.path}) failed to compile the generated CUDA "
+                f"source for {self.arch} (exit {proc.returncode}):\n{log}")
+        return proc.stdout
 
     def pack_imports(self, mod, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
         """`fpack_imports` for Module.export_library: TVM's default LLVM blob packing, after
         compiling CUDA source modules."""
-        import tvm_ffi
+        from ._tvm import tvm_ffi
 
-        pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
-        blob = self.rewrite_blob(pack(mod).numpy().tobytes())
-        llvm_target = None
-        for m in mod._collect_dso_modules():
-            if m.kind == "llvm":
-                llvm_target = m.get_function("_get_target_string")()
-                break
-        if llvm_target is None:
+        llvm = mod._collect_from_import_tree(lambda m: m.kind == "llvm")
+        if not llvm:
             raise CudaCompileError(
                 "packing compiled CUDA code needs an LLVM host module (target host kind 'llvm'); "
                 "this module tree has none")
+        head, entries = _parse_blob(_pack(mod))
+        for i, (kind, payload) in enumerate(entries):
+            if kind == "cuda" and payload is not None:
+                fmt, fmap, code = _split_cuda_payload(payload)
+                if fmt == "cuda":
+                    entries[i] = (kind, _pbytes(self.toolkit.fmt) + fmap + _pbytes(self.compile(code)))
+        blob = _pbytes(head + b"".join(_pbytes(k) + (b"" if p is None else _pbytes(p)) for k, p in entries))
         blob_mod = tvm_ffi.get_global_func("codegen.codegen_blob")(
-            bytes(blob), bool(is_system_lib), llvm_target, symbol_prefix or "")
+            blob, bool(is_system_lib), llvm[0].get_function("_get_target_string")(), symbol_prefix or "")
         path = os.path.join(workspace_dir, f"{symbol_prefix or ''}devc.o")
         blob_mod.write_to_file(path)
         return path
@@ -393,48 +337,24 @@ class DeviceCompiler:
         return mod.export_library(str(file_name), **kwargs)
 
 
-NvccCompiler = DeviceCompiler
-
-
 @contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-_scope_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def compile_with_nvcc(arch: str, *, toolkit: str | None = None, nvcc: str | None = None, log=print):
+def compile_with_nvcc(arch: str, *, toolkit: str | None = None, log=print):
     """Scope in which TVM's CUDA kernels are compiled for exactly `arch` by the toolkit of CUDA
-    major version `toolkit` (None: the system nvcc; see find_toolkit).
-
-        with compile_with_nvcc("sm_87", toolkit="12") as nv:
-            ex = tvm.compile(mod, target=orin)
-            nv.export_library(ex, "m.so", cc="aarch64-linux-gnu-g++")   # holds sm_87 SASS
-
-    Raises CrossCompilerMissingError / CudaToolkitMissingError up front. Registers
-    `tvm_callback_cuda_compile` (codegen calls it where the driver is loaded) and restores the one
-    before (tvm.support.nvcc's) on exit."""
+    major version `toolkit` (None: the system nvcc; see find_toolkit); yields the DeviceCompiler,
+    whose export_library packs them. Raises CrossCompilerMissingError / CudaToolkitMissingError
+    up front; restores the callback before (tvm.support.nvcc's) on exit."""
     from ._tvm import tvm_ffi   # checks the tvm / tvm-ffi pair
 
-    compiler = DeviceCompiler(arch, _nvcc_toolkit(nvcc) if nvcc else find_toolkit(toolkit, log=log))
-    with _scope_lock:
+    compiler = DeviceCompiler(arch, find_toolkit(toolkit, log=log))
+    with _lock:
         prev_cb = tvm_ffi.get_global_func(CALLBACK_NAME, allow_missing=True)
-        tvm_ffi.register_global_func(CALLBACK_NAME, compiler.callback, override=True)
+        # codegen calls it where libcuda.so.1 exists
+        tvm_ffi.register_global_func(CALLBACK_NAME, lambda code, *_: bytearray(compiler.compile(str(code))),
+                                     override=True)
     try:
         yield compiler
     finally:
-        with _scope_lock:
+        with _lock:
             if prev_cb is not None:
                 tvm_ffi.register_global_func(CALLBACK_NAME, prev_cb, override=True)
             else:
@@ -442,9 +362,7 @@ def compile_with_nvcc(arch: str, *, toolkit: str | None = None, nvcc: str | None
 
 
 # --------------------------------------------------------------------------------------------
-# per-kernel choice between our CUDA schedules and dlight
-
-TIMINGS_FILE = "kernel_timings.json"      # written by scripts/gpu_check.py
+# per-kernel choice between our CUDA schedules and dlight (TVM has no such choice)
 
 
 @dataclass(frozen=True)
@@ -457,18 +375,14 @@ class KernelChoice:
     else it gets ours."""
     timings: dict
     forced: str = ""
-    path: str = ""
-
-    def _measured(self):
-        for t in self.timings.values():
-            if isinstance(t, dict) and all(isinstance(t.get(k), (int, float)) for k in ("ours_ms", "dlight_ms")):
-                yield t
 
     def pick(self, kind: str | None = None, macs: int | None = None) -> tuple[str, str]:
         """("ours" | "dlight", why); why is "" when nothing measured applies."""
         if self.forced:
             return self.forced, "forced"
-        same = [t for t in self._measured() if kind is not None and t.get("kind") == kind]
+        same = [t for t in self.timings.values() if kind is not None and isinstance(t, dict)
+                and t.get("kind") == kind
+                and all(isinstance(t.get(k), (int, float)) for k in ("ours_ms", "dlight_ms"))]
         exact = [t for t in same if macs is not None and t.get("macs") == macs]
         for ts, why in ((exact, "measured"), (same, f"measured-{kind}")):
             if ts:
@@ -489,15 +403,11 @@ def use_cuda_graph(log=print) -> bool:
     return v == "1"
 
 
-def timings_path(spec) -> Path:
-    from mbn_codegen import targets
-    return Path(os.environ.get("MBN_CUDA_KERNEL_TIMINGS") or
-                targets.HERE / "databases" / spec.name / TIMINGS_FILE)
-
-
 def kernel_timings(spec, log=print) -> KernelChoice:
     """The KernelChoice for a CUDA build of `spec`: MBN_CUDA_KERNELS=ours|dlight forces one
-    side; otherwise GPU timings from timings_path(spec) when they were measured on its arch."""
+    side; otherwise GPU timings (written by scripts/gpu_check.py) when measured on its arch."""
+    from mbn_codegen import targets
+
     forced = os.environ.get("MBN_CUDA_KERNELS", "").strip()
     if forced:
         if forced not in ("ours", "dlight"):
@@ -505,7 +415,8 @@ def kernel_timings(spec, log=print) -> KernelChoice:
                                    "(or unset, to pick per kernel from GPU timings)")
         log(f"CUDA kernels: {forced} for every kernel (MBN_CUDA_KERNELS)")
         return KernelChoice({}, forced)
-    path = timings_path(spec)
+    path = Path(os.environ.get("MBN_CUDA_KERNEL_TIMINGS") or
+                targets.HERE / "databases" / spec.name / "kernel_timings.json")
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -520,7 +431,7 @@ def kernel_timings(spec, log=print) -> KernelChoice:
         return KernelChoice({})
     log(f"CUDA kernels: the faster of ours / dlight per kernel, from {path} "
         f"({len(doc['kernels'])} kernels measured on {doc.get('device', '?')})")
-    return KernelChoice(doc["kernels"], path=str(path))
+    return KernelChoice(doc["kernels"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,22 +454,10 @@ def cuda_payloads(obj) -> list[CudaPayload]:
     if isinstance(obj, (str, os.PathLike)):
         return [_describe(p) for p in _file_cuda_payloads(Path(obj))]
     mod = getattr(obj, "mod", obj)
-    if not hasattr(mod, "imports") or not hasattr(mod, "kind"):
+    if not hasattr(mod, "_collect_from_import_tree"):
         raise TypeError(f"expected an Executable, a runtime Module or a path, got {type(obj)!r}")
-    import tvm_ffi
-
-    pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
-    seen, stack, found = set(), [mod], []
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        stack.extend(m.imports)
-        if m.kind == "cuda":
-            _, _, entries = _parse_blob(pack(m).numpy().tobytes())
-            found.extend(_describe(p) for k, p in entries if k == "cuda" and p is not None)
-    return found
+    cuda_mods = mod._collect_from_import_tree(lambda m: m.kind == "cuda")
+    return [_describe(p) for m in cuda_mods for p in _blob_cuda(_pack(m))]
 
 
 def module_binary_format(obj) -> str:
@@ -567,14 +466,15 @@ def module_binary_format(obj) -> str:
     (cu < ptx < cubin < fatbin). ArtifactError if there is no CUDA module."""
     payloads = cuda_payloads(obj)
     if not payloads:
-        raise ArtifactError(f"{_name(obj)} holds no CUDA device module")
+        name = str(obj) if isinstance(obj, (str, os.PathLike)) else type(obj).__name__
+        raise ArtifactError(f"{name} holds no CUDA device module")
     return min((p.format for p in payloads), key=_FORMAT_RANK.__getitem__)
 
 
 def elf_machine(path: str | os.PathLike) -> str:
     """'aarch64', 'x86_64', ... from an ELF file's e_machine."""
-    with open(path, "rb") as f:
-        return _elf_machine(_elf(f.read(), str(path)))
+    m = _elf(Path(path).read_bytes(), str(path)).header["e_machine"]
+    return _ELF_MACHINES.get(m, str(m))
 
 
 def _elf(data: bytes, what: str = "data"):
@@ -589,17 +489,12 @@ def _elf(data: bytes, what: str = "data"):
         raise ArtifactError(f"{what} is a malformed ELF file ({e})") from None
 
 
-def _elf_machine(elf) -> str:
-    m = elf.header["e_machine"]
-    return _ELF_MACHINES.get(m, str(m))
-
-
 def payload_format(code: bytes, tag: str = "") -> str:
     if len(code) >= 4 and struct.unpack_from("<I", code)[0] == FATBIN_MAGIC:
         return "fatbin"
     if code[:4] == b"\x7fELF":
         with contextlib.suppress(ArtifactError):
-            if _elf_machine(_elf(code)) == "cuda":
+            if _ELF_MACHINES.get(_elf(code).header["e_machine"]) == "cuda":
                 return "cubin"
     head = code[:4096]
     if b".target sm_" in head or (head.lstrip().startswith(b"//") and b".version" in head):
@@ -612,7 +507,9 @@ def payload_format(code: bytes, tag: str = "") -> str:
 def payload_archs(code: bytes) -> tuple[str, ...]:
     fmt = payload_format(code)
     if fmt == "cubin":
-        return (_cubin_arch(code),)
+        # CUDA 13 cubins (EI_ABIVERSION >= 8) keep the SM in e_flags bits 8..15, older ones in 0..7
+        flags, abi = _elf(code, "cubin").header["e_flags"], cubin_abi_version(code)
+        return (f"sm_{(flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF}",)
     if fmt != "fatbin":
         return ()
     archs = []
@@ -631,104 +528,71 @@ def payload_archs(code: bytes) -> tuple[str, ...]:
     return tuple(dict.fromkeys(archs))
 
 
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def _run(cmd, check=True):
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace")
-    if check and proc.returncode != 0:
-        raise CrossCompilerMissingError(f"{' '.join(cmd)} failed: {proc.stdout.strip()}")
-    return proc
-
-
-def _name(obj) -> str:
-    return str(obj) if isinstance(obj, (str, os.PathLike)) else type(obj).__name__
-
-
-def _cubin_arch(code: bytes) -> str:
-    # CUDA 13 cubins (EI_OSABI 0x41, EI_ABIVERSION >= 8) keep the SM in e_flags bits 8..15;
-    # older ones (OSABI 0x33, ABI version 7) in bits 0..7.
-    h = _elf(code, "cubin").header
-    flags, abi = h["e_flags"], h["e_ident"]["EI_ABIVERSION"]
-    sm = (flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF
-    return f"sm_{sm}"
-
-
 def cubin_abi_version(code: bytes) -> int:
     """A cubin's EI_ABIVERSION: 7 from CUDA 11/12 compilers, 8 from CUDA 13 (which drivers
     older than CUDA 13 cannot load)."""
     return int(_elf(code, "cubin").header["e_ident"]["EI_ABIVERSION"])
 
 
+# --------------------------------------------------------------------------------------------
+# the import blob (format in the module docstring)
+
+
 def _describe(payload: bytes) -> CudaPayload:
     tag, _, code = _split_cuda_payload(payload)
-    return CudaPayload(tag=tag, format=payload_format(code, tag), archs=payload_archs(code),
-                       size=len(code))
+    return CudaPayload(tag=tag, format=payload_format(code, tag), archs=payload_archs(code), size=len(code))
+
+
+def _pack(mod) -> bytes:
+    from ._tvm import tvm_ffi
+
+    return tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes()
 
 
 def _u64(buf, off):
     return struct.unpack_from("<Q", buf, off)[0]
 
 
-def _pstr(s: str) -> bytes:
-    return _pbytes(s.encode())
+def _pbytes(b: bytes | str) -> bytes:
+    b = b.encode() if isinstance(b, str) else bytes(b)
+    return struct.pack("<Q", len(b)) + b
 
 
-def _pbytes(b: bytes) -> bytes:
-    return struct.pack("<Q", len(b)) + bytes(b)
+def _read_bytes(buf: bytes, off: int) -> tuple[bytes, int]:
+    """The length-prefixed bytes at `off`, and the offset after them."""
+    n = _u64(buf, off)
+    if off + 8 + n > len(buf):
+        raise ValueError("truncated")
+    return bytes(buf[off + 8: off + 8 + n]), off + 8 + n
 
 
-def _parse_blob(blob: bytes):
-    """(indptr, children, [(kind, payload or None for '_lib'), ...]) of a packed import blob."""
+def _parse_blob(blob: bytes) -> tuple[bytes, list]:
+    """(indptr and child_indices as raw bytes, [(kind, payload or None for '_lib'), ...])."""
     try:
-        nbytes = _u64(blob, 0)
-        if nbytes + 8 > len(blob):
+        if _u64(blob, 0) + 8 > len(blob):
             raise ValueError("truncated")
-        off, vecs = 8, []
-        for _ in range(2):
-            n = _u64(blob, off)
-            vecs.append(list(struct.unpack_from(f"<{n}Q", blob, off + 8)))
-            off += 8 + 8 * n
-        entries = []
-        for _ in range(len(vecs[0]) - 1):
-            n = _u64(blob, off)
-            kind = blob[off + 8: off + 8 + n].decode()
-            off += 8 + n
+        n_entries = _u64(blob, 8) - 1
+        end = 16 + 8 * (n_entries + 1)
+        end += 8 + 8 * _u64(blob, end)
+        off, entries = end, []
+        for _ in range(n_entries):
+            kind, off = _read_bytes(blob, off)
             payload = None
-            if kind != "_lib":
-                n = _u64(blob, off)
-                payload = bytes(blob[off + 8: off + 8 + n])
-                if len(payload) != n:
-                    raise ValueError("truncated payload")
-                off += 8 + n
-            entries.append((kind, payload))
+            if kind != b"_lib":
+                payload, off = _read_bytes(blob, off)
+            entries.append((kind.decode(), payload))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"malformed TVM import blob ({e})") from None
-    return vecs[0], vecs[1], entries
-
-
-def _build_blob(indptr, children, entries) -> bytes:
-    body = [struct.pack(f"<Q{len(indptr)}Q", len(indptr), *indptr),
-            struct.pack(f"<Q{len(children)}Q", len(children), *children)]
-    for kind, payload in entries:
-        body.append(_pstr(kind))
-        if payload is not None:
-            body.append(_pbytes(payload))
-    body = b"".join(body)
-    return struct.pack("<Q", len(body)) + body
+    return bytes(blob[8:end]), entries
 
 
 def _split_cuda_payload(payload: bytes) -> tuple[str, bytes, bytes]:
     """(fmt, raw fmap bytes, code) of a serialized CUDA module: code is the trailing length-
     prefixed bytes; the first offset whose u64 equals the rest's length is where it starts."""
-    n = _u64(payload, 0)
-    fmt = payload[8: 8 + n].decode()
-    start = 8 + n
+    start = 8 + _u64(payload, 0)
     for p in range(start, len(payload) - 7):
         if _u64(payload, p) == len(payload) - p - 8:
-            return fmt, payload[start:p], payload[p + 8:]
+            return payload[8:start].decode(), payload[start:p], payload[p + 8:]
     raise ArtifactError("malformed CUDA module payload (no trailing code bytes)")
 
 
@@ -736,25 +600,18 @@ def _file_cuda_payloads(path: Path) -> list[bytes]:
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist")
     if tarfile.is_tarfile(path):
-        out = []
         with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.isfile() and member.name.endswith(".o"):
-                    data = tar.extractfile(member).read()
-                    blob = _elf_symbol_bytes(data, LIBRARY_BIN_SYMBOL)
-                    if blob is not None:
-                        out += _blob_cuda(blob)
-        return out
-    data = path.read_bytes()
-    if data[:4] != b"\x7fELF":
-        raise ArtifactError(f"{path} is neither an ELF shared library nor a .tar export")
-    blob = _elf_symbol_bytes(data, LIBRARY_BIN_SYMBOL)
-    return [] if blob is None else _blob_cuda(blob)
+            objs = [tar.extractfile(m).read() for m in tar.getmembers() if m.isfile() and m.name.endswith(".o")]
+    else:
+        objs = [path.read_bytes()]
+        if objs[0][:4] != b"\x7fELF":
+            raise ArtifactError(f"{path} is neither an ELF shared library nor a .tar export")
+    blobs = [_elf_symbol_bytes(data, LIBRARY_BIN_SYMBOL) for data in objs]
+    return [p for blob in blobs if blob is not None for p in _blob_cuda(blob)]
 
 
 def _blob_cuda(blob: bytes) -> list[bytes]:
-    _, _, entries = _parse_blob(blob[: 8 + _u64(blob, 0)])
-    return [p for k, p in entries if k == "cuda" and p is not None]
+    return [p for k, p in _parse_blob(blob)[1] if k == "cuda" and p is not None]
 
 
 def _elf_symbol_bytes(data: bytes, name: str) -> bytes | None:
@@ -763,9 +620,7 @@ def _elf_symbol_bytes(data: bytes, name: str) -> bytes | None:
 
     elf = _elf(data)
     for sec in elf.iter_sections():
-        if not isinstance(sec, SymbolTableSection):
-            continue
-        for sym in sec.get_symbol_by_name(name) or ():
+        for sym in (sec.get_symbol_by_name(name) if isinstance(sec, SymbolTableSection) else None) or ():
             shndx = sym["st_shndx"]
             if not isinstance(shndx, int) or shndx == 0:
                 continue
@@ -781,17 +636,16 @@ def main(argv: list[str] | None = None) -> int:
     """python -m mbn_codegen.cuda install <major>: NVRTC of that CUDA into the cache."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m mbn_codegen.cuda")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    inst = sub.add_parser("install", help="pip-install CUDA <major>'s NVRTC into " + str(cache_dir("<major>")))
-    inst.add_argument("major", choices=sorted(PYPI_TOOLKITS))
+    ap = argparse.ArgumentParser(prog="python -m mbn_codegen.cuda", description=main.__doc__)
+    ap.add_argument("cmd", choices=["install"])
+    ap.add_argument("major", choices=sorted(PYPI_TOOLKITS))
     args = ap.parse_args(argv)
     try:
         site = install_toolkit(args.major)
-        print(f"CUDA {args.major} NVRTC {_nvrtc_version(str(site))} in {site}")
     except CudaToolkitMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"CUDA {args.major} NVRTC {_nvrtc_version(site, args.major)} in {site}")
     return 0
 
 
