@@ -10,10 +10,16 @@ only read. Tunes write user databases: `--database DIR`, by default
 $XDG_DATA_HOME/mbn-codegen/databases/<target>[-generic] (~/.local/share/... without XDG_DATA_HOME).
 A build applies --database if given (kind "explicit"), else the user's database for its target if
 it has records ("user"), else the shipped one ("shipped").
+
+MetaSchedule's JSONDatabase reads and appends the two JSON files; what it lacks is here: a corrupt
+line stops it (sanitize_database sets such lines aside), it has no notion of which target or CPU
+its records came from (provenance, select) and nothing stops two tunes appending at once (the lock).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
 import shutil
@@ -40,13 +46,9 @@ def folder_name(target: str, space: str = "ours") -> str:
     return name if space == "ours" else f"{name}-{space}"
 
 
-def user_root() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "mbn-codegen" / "databases"
-
-
 def user_dir(target: str, space: str = "ours") -> Path:
-    return user_root() / folder_name(target, space)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "mbn-codegen" / "databases" / folder_name(target, space)
 
 
 def shipped_dir(target: str, space: str = "ours") -> Path:
@@ -71,7 +73,6 @@ class Summary:
     workloads: int = 0
     records: int = 0
     measured: int = 0
-    measured_per_workload: dict[int, int] = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
 
     @property
@@ -88,22 +89,13 @@ def _lines(path: Path) -> list[str]:
 
 def summary(path: str | os.PathLike) -> Summary:
     p = Path(path)
-    s = Summary(p, workloads=len(_lines(p / WORKLOADS)))
-    for line in _lines(p / RECORDS):
-        s.records += 1
-        try:
-            wl, rec = json.loads(line)
-            ok = measured(rec[1])
-        except (ValueError, TypeError, IndexError):
-            continue
-        if ok:
-            s.measured += 1
-            s.measured_per_workload[wl] = s.measured_per_workload.get(wl, 0) + 1
-    if (p / PROVENANCE).is_file():
-        try:
-            s.runs = json.loads((p / PROVENANCE).read_text()).get("runs", [])
-        except ValueError:
-            s.runs = []
+    lines = _lines(p / RECORDS)
+    s = Summary(p, workloads=len(_lines(p / WORKLOADS)), records=len(lines))
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, IndexError, KeyError):
+            s.measured += measured(json.loads(line)[1][1])
+    with contextlib.suppress(OSError, ValueError):
+        s.runs = json.loads((p / PROVENANCE).read_text()).get("runs", [])
     return s
 
 
@@ -125,9 +117,7 @@ def sanitize_database(work_dir: str | os.PathLike, log: Callable[[str], None] = 
     wl_path, rec_path = work_dir / WORKLOADS, work_dir / RECORDS
     dropped = 0
     n_workloads = None
-    for path in (wl_path, rec_path):
-        if not path.exists():
-            continue
+    for path in (p for p in (wl_path, rec_path) if p.exists()):
         good, bad = [], []
         for i, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
             if not line.strip():
@@ -141,20 +131,19 @@ def sanitize_database(work_dir: str | os.PathLike, log: Callable[[str], None] = 
             except json.JSONDecodeError:
                 ok = False
             (good if ok else bad).append((i, line))
+        where = ", ".join(str(i) for i, _ in bad[:10]) + ("..." if len(bad) > 10 else "")
         if path is wl_path:
             if bad:
                 raise CorruptDatabaseError(
-                    f"{path}: line(s) {', '.join(str(i) for i, _ in bad[:10])} are not valid workload "
+                    f"{path}: line(s) {where} are not valid workload "
                     "entries; the records that point at them cannot be trusted. Restore the file from "
                     "git (`git checkout -- <file>`) or delete the database folder to start again")
             n_workloads = len(good)
         if bad:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            shutil.copyfile(path, path.with_name(path.name + f".corrupt-{stamp}"))
+            aside = path.with_name(path.name + time.strftime(".corrupt-%Y%m%d-%H%M%S"))
+            shutil.copyfile(path, aside)
             path.write_text("".join(line + "\n" for _, line in good))
-            log(f"warning: {path}: skipped {len(bad)} corrupt line(s) "
-                f"({', '.join(str(i) for i, _ in bad[:10])}{'...' if len(bad) > 10 else ''}); "
-                f"original kept as {path.name}.corrupt-{stamp}")
+            log(f"warning: {path}: skipped {len(bad)} corrupt line(s) ({where}); original kept as {aside.name}")
             dropped += len(bad)
     return dropped
 
@@ -174,10 +163,7 @@ def open_database(work_dir: str | os.PathLike, log: Callable[[str], None] = prin
         if not writable:
             src = Path(tmp)
             for name in (WORKLOADS, RECORDS):
-                if (work_dir / name).is_file():
-                    shutil.copyfile(work_dir / name, src / name)
-                else:
-                    (src / name).touch()
+                (src / name).write_bytes((work_dir / name).read_bytes() if (work_dir / name).is_file() else b"")
             if sanitize_database(src, log=lambda s: None):
                 log(f"warning: {work_dir}: corrupt line(s) skipped for this build (the database was "
                     "not changed; a tune into it sets them aside)")
@@ -206,17 +192,13 @@ class Selected:
                 "workloads": s.workloads, "provenance": s.provenance, "warnings": self.warnings}
 
 
-def _simd(flags) -> list[str]:
-    return sorted(f for f in flags if f.startswith(SIMD_PREFIXES))
-
-
 def this_cpu() -> dict:
     import platform
 
     from .runtime import cpu_flags, cpuinfo
     info = cpuinfo()
     return {"cpu_model": info.get("model name") or info.get("Model") or platform.processor()
-            or platform.machine(), "simd_flags": _simd(cpu_flags())}
+            or platform.machine(), "simd_flags": sorted(f for f in cpu_flags() if f.startswith(SIMD_PREFIXES))}
 
 
 def compatibility(s: Summary, spec) -> tuple[list[str], list[str]]:
@@ -226,11 +208,10 @@ def compatibility(s: Summary, spec) -> tuple[list[str], list[str]]:
         warnings.append(f"{s.path} has no provenance.json: the target and CPU its records were tuned "
                         "for are unknown")
     for name in sorted(s.targets() - {spec.name}):
-        missing: list[str] = []
         try:
             missing = sorted(set(targets.load(name).required_cpu_flags) - set(spec.required_cpu_flags))
         except Exception:
-            pass
+            missing = []
         if missing:
             refusals.append(f"{s.path} was tuned for {name}, whose code needs CPU flags "
                             f"{', '.join(missing)} that {spec.name} does not require")
@@ -283,114 +264,73 @@ def write_provenance(work_dir: str | os.PathLike, run: dict) -> dict:
     atomically: an interrupted write leaves the previous file."""
     p = Path(work_dir) / PROVENANCE
     s = summary(work_dir)
-    runs = s.runs
     entry = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **run}
     if not run.get("rpc"):
         entry.update(this_cpu())
     entry.update(records_total=s.records, measured_total=s.measured)
-    runs.append(entry)
     tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"runs": [*s.runs, entry]}, indent=2) + "\n")
     os.replace(tmp, p)
     return entry
 
 
-def _alive(pid: int, started: float | None) -> bool:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        # a pid reused by a process started after the lock was taken is not the owner
-        return started is None or proc.create_time() <= started + 1
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
 class DatabaseLock:
-    """tune.lock in the database folder: {pid, host, started}. One tune writes at a time;
-    a lock whose pid is gone on this host is stale and taken over."""
+    """tune.lock in the database folder, holding {pid, host, started}: one tune writes at a time.
+    An flock on it, so the kernel releases it however its owner dies (no pid liveness guesses);
+    the file a killed tune leaves behind is taken over with a warning."""
 
     def __init__(self, work_dir: str | os.PathLike, wait: bool = False, log: Callable[[str], None] = print,
                  poll_s: float = 2.0):
         self.path = Path(work_dir) / LOCK
         self.wait, self.log, self.poll_s = wait, log, poll_s
-        self.held = False
+        self.fd: int | None = None
 
-    def owner(self) -> dict | None:
+    def owner(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}           # being written, or garbage: judged by its age below
+            o = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            o = {}
+        return o if isinstance(o, dict) else {}         # gone, being written, or garbage
 
     def acquire(self) -> "DatabaseLock":
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         waited = False
         while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 o = self.owner()
-                if o is None:
-                    continue
-                if not o:
-                    try:
-                        age = time.time() - self.path.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    o = {"pid": "?", "host": "?", "started": None}
-                    if age > 10:
-                        self._take_over({}, f"{self.path} is unreadable and {age:.0f} s old")
-                        continue
-                elif o.get("host") == me["host"] and not _alive(int(o.get("pid", -1)), o.get("started")):
-                    self._take_over(o, f"stale lock {self.path}: pid {o.get('pid')} (started "
-                                       f"{_when(o.get('started'))}) is no longer running")
-                    continue
+                who = f"pid {o.get('pid', '?')} on {o.get('host', '?')} (since {_when(o.get('started'))})"
                 if not self.wait:
                     raise DatabaseLockedError(
-                        f"{self.path.parent} is being tuned by pid {o.get('pid')} on {o.get('host')} "
-                        f"(since {_when(o.get('started'))}); two tunes into one database corrupt it. "
-                        f"Wait for it to finish, pass --wait to queue behind it, tune into another "
-                        f"--database, or, if that process is gone, delete {self.path}")
+                        f"{self.path.parent} is being tuned by {who}; two tunes into one database corrupt "
+                        f"it. Wait for it to finish, pass --wait to queue behind it, or tune into another "
+                        f"--database (the lock: {self.path})") from None
                 if not waited:
-                    self.log(f"waiting for pid {o.get('pid')} on {o.get('host')}, which is tuning "
-                             f"{self.path.parent} (since {_when(o.get('started'))})")
+                    self.log(f"waiting for {who}, which is tuning {self.path.parent}")
                     waited = True
                 time.sleep(self.poll_s)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held, self.me = True, me
+            if os.fstat(fd).st_nlink == 0:     # unlinked by the releaser meanwhile: lock the new file
+                os.close(fd)
+                continue
+            if os.fstat(fd).st_size:            # left behind by a tune that died holding it
+                o = self.owner()
+                self.log(f"warning: stale lock {self.path}: pid {o.get('pid', '?')} (started "
+                         f"{_when(o.get('started'))}) is no longer running; taking the lock over")
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            self.fd = fd
             return self
 
-    def _take_over(self, judged: dict, why: str) -> None:
-        aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            moved = json.loads(aside.read_text())
-        except ValueError:
-            moved = {}
-        if moved != judged:         # another taker's fresh lock, moved in a race: put it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-        else:
-            self.log(f"warning: {why}; taking the lock over")
-        aside.unlink(missing_ok=True)
-
     def release(self) -> None:
-        if self.held and (self.owner() or {}).get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)       # before unlocking: see acquire
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self.acquire()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import select
 import signal
@@ -48,13 +49,14 @@ def parse_address(addr, default_port: int | None = None) -> tuple[str, int]:
     if not sep and default_port is not None:
         host, port = str(addr), str(default_port)
     if not host or not port.isdigit():
-        raise RPCError(f"RPC tracker address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:9190")
+        raise RPCError(f"RPC tracker address {addr!r}: expected host:port, e.g. 127.0.0.1:9190")
     return host, int(port)
 
 
-def connect_tracker(host: str, port: int, timeout: float = 5.0):
+def connect_tracker(host, port: int | None = None, timeout: float = 5.0):
     """tvm.rpc.connect_tracker, after a plain connect: TVM's connect_with_retry waits 60 s on a
-    refused port, and a wrong peer should be a named error."""
+    refused port, and a wrong peer should be a named error. ``host`` may be "host:port"."""
+    host, port = parse_address(host if port is None else (host, port))
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
@@ -72,23 +74,13 @@ def connect_tracker(host: str, port: int, timeout: float = 5.0):
 def query_tracker(host, port: int | None = None, timeout: float = 5.0) -> dict:
     """TrackerSession.summary(): {"server_info": [{"key": "server:KEY", "addr": [h, p]}, ...],
     "queue_info": {KEY: {"free", "pending"}}}. ``host`` may be "host:port"."""
-    if port is None:
-        host, port = parse_address(host)
-    sess = connect_tracker(host, port, timeout)
-    try:
+    with contextlib.closing(connect_tracker(host, port, timeout)) as sess:
         return sess.summary()
-    finally:
-        sess.close()
 
 
 def text_summary(host, port: int | None = None) -> str:
-    if port is None:
-        host, port = parse_address(host)
-    sess = connect_tracker(host, port)
-    try:
+    with contextlib.closing(connect_tracker(host, port)) as sess:
         return sess.text_summary()
-    finally:
-        sess.close()
 
 
 def server_ports(summary: dict, key: str) -> list[int]:
@@ -96,14 +88,10 @@ def server_ports(summary: dict, key: str) -> list[int]:
     return [int(s["addr"][1]) for s in summary["server_info"] if s["key"].split(":", 1)[-1] == key]
 
 
-def count_servers(summary: dict, key: str) -> int:
-    return len(server_ports(summary, key))
-
-
 def check_tracker(host: str, port: int, key: str, timeout: float = 5.0) -> int:
     """The tracker answers and has a server under ``key``; returns how many (else RPCError)."""
     summary = query_tracker(host, port, timeout)
-    n = count_servers(summary, key)
+    n = len(server_ports(summary, key))
     if n == 0:
         seen = sorted({s["key"].split(":", 1)[-1] for s in summary["server_info"]})
         raise RPCError(
@@ -129,7 +117,7 @@ def request_session(host: str, port: int, key: str, session_timeout: float = 0, 
 
     def boards_gone() -> bool:
         try:
-            n = count_servers(query_tracker(host, port), key)
+            n = len(server_ports(query_tracker(host, port), key))
         except RPCError:
             n = 0                                           # tracker gone: same outcome
         if n:
@@ -141,15 +129,12 @@ def request_session(host: str, port: int, key: str, session_timeout: float = 0, 
                     "the board went away")
     if where in _MISSING_SINCE and boards_gone():           # known gone: fail without waiting again
         raise gone
-    sess = connect_tracker(host, port, timeout=10.0)
-    try:
+    with contextlib.closing(connect_tracker(host, port, timeout=10.0)) as sess:
         rpc_base.sendjson(sess._sock, [rpc_base.TrackerCode.REQUEST, key, "", priority])
         while not select.select([sess._sock], [], [], poll_s)[0]:
             if boards_gone():
                 raise gone
         code, value = rpc_base.recvjson(sess._sock)
-    finally:
-        sess.close()
     if code != rpc_base.TrackerCode.SUCCESS:
         raise RPCError(f"RPC tracker {host}:{port} refused the request for {key!r}: {value!r}")
     url, server_port, matchkey = value
@@ -196,25 +181,10 @@ _STARTED: list["RPCProcess"] = []
 def kill_process_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, the process group that ``proc`` leads (start_new_session=True), so a
     server's forked session children go too; reap."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = None
-    if pgid != proc.pid:                     # not a group of our own making: only the process
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        if sig == signal.SIGTERM:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout)
     proc.wait()
 
 
@@ -225,9 +195,6 @@ class RPCProcess:
         self.popen, self.host, self.port, self.key, self.log_path = popen, host, port, key, log_path
         self._own_log = own_log
         _STARTED.append(self)
-
-    pid = property(lambda self: self.popen.pid)
-    address = property(lambda self: f"{self.host}:{self.port}")
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -247,7 +214,7 @@ class RPCProcess:
 
     def __repr__(self) -> str:
         state = "running" if self.alive() else f"exited {self.popen.returncode}"
-        return f"<emulated rpc server {self.address} key={self.key!r} pid {self.pid} {state}>"
+        return f"<emulated rpc server {self.host}:{self.port} key={self.key!r} pid {self.popen.pid} {state}>"
 
 
 atexit.register(lambda: [p.stop(timeout=2.0) for p in list(_STARTED)])
@@ -355,10 +322,8 @@ def _serve(args) -> int:
 
 def _qemu_servers(args) -> int:
     """Emulated servers in the foreground until Ctrl-C / SIGTERM / SIGHUP or one exits."""
-    def stop(signum, _frame):
-        raise KeyboardInterrupt
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+        signal.signal(sig, signal.default_int_handler)      # raises KeyboardInterrupt
     procs = []
     try:
         procs = [start_server(args.tracker, args.key, host=args.host, wait=False) for _ in range(args.count)]

@@ -3,25 +3,22 @@
 mbn_codegen.database), local or over an RPC tracker.
 
 How a tune proceeds, and what an interruption costs. Tasks take turns (TVM's round-robin task
-scheduler); each turn generates a batch of `trials_per_iter` candidates (default 8), builds them,
-measures them, and only then, when MetaSchedule's AddToDatabase callback runs, appends one JSON
-line per candidate to database_tuning_record.json (TVM's JSONDatabase opens, writes, flushes and
-closes the file per record, so a written line is in the OS's hands at once). The runner is waited
-for inside each turn, so at most one batch is ever uncommitted and building never competes with a
-measurement for the CPU. The progress line of a batch is printed after its records are written.
-- SIGKILL (or a crash, or a power cut after the OS flushed its cache) loses the batch being built
-  or measured: at most `trials_per_iter` candidates, never a batch whose progress line was
-  printed. A line cut in half by the kill is set aside as *.corrupt-<time> by the next tune or
-  build. The lock it leaves behind is recognised as stale (its pid is gone) and taken over.
-- Ctrl-C (SIGINT) starts no new batch; the batch in flight is committed as MetaSchedule records
-  it (a terminal's Ctrl-C also stops the build/measure workers, so it is usually stored as failed
-  trials, which do not count as tuned); then provenance marked "interrupted" is written, the lock
-  released, and the CLI exits 130. A KeyboardInterrupt raised inside TVM's C++ (from a Python
-  callback) ends in std::terminate, hence a flag instead. A second Ctrl-C exits at once (130),
-  losing what a SIGKILL loses.
-- --time-limit stops between batches: the batch running when the limit passes is finished and
-  kept, no new one starts, provenance says "time limit".
-A resumed tune counts each kernel's measured records and only tunes the kernels short of
+scheduler); each turn builds and measures a batch of `trials_per_iter` candidates (default 8), and
+only then MetaSchedule's AddToDatabase callback appends one JSON line per candidate to
+database_tuning_record.json (TVM's JSONDatabase opens, writes, flushes and closes the file per
+record). The runner is waited for inside each turn, so at most one batch is ever uncommitted and
+building never competes with a measurement for the CPU; a batch's progress line follows its records.
+- SIGKILL (or a crash, or a power cut after the OS flushed its cache) loses the batch in flight: at
+  most `trials_per_iter` candidates, never one whose progress line was printed. A line cut in half
+  is set aside as *.corrupt-<time> by the next tune or build; the kernel releases the lock.
+- Ctrl-C (SIGINT) starts no new batch; the batch in flight is committed as MetaSchedule records it
+  (a terminal's Ctrl-C also stops the build/measure workers, so usually as failed trials, which do
+  not count as tuned); then provenance marked "interrupted" is written, the lock released, and the
+  CLI exits 130. A flag, not a KeyboardInterrupt: one raised inside TVM's C++ (from a Python
+  callback) ends in std::terminate. A second Ctrl-C exits at once (130), losing what a SIGKILL loses.
+- --time-limit stops between batches: the running batch is finished and kept, provenance says
+  "time limit".
+A resumed tune counts each kernel's measured records and tunes only the kernels short of
 `trials_per_task`, seeded from their records.
 """
 from __future__ import annotations
@@ -31,6 +28,7 @@ import difflib
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,10 +36,10 @@ from pathlib import Path
 from typing import Callable
 
 from . import targets
-# database_dir, RECORDS, CorruptDatabaseError: kept importable from here for the bench and tests
-from .database import (LOGS, RECORDS, DatabaseLock, database_dir, measured, open_database,  # noqa: F401
-                       sanitize_database, summary, user_dir, write_provenance)
-from .errors import CorruptDatabaseError, ForeignDatabaseError, TuningError, UnknownKernelError  # noqa: F401
+# RECORDS: kept importable from here for the tests
+from .database import (LOGS, RECORDS, DatabaseLock, measured, open_database, sanitize_database,  # noqa: F401
+                       summary, user_dir, write_provenance)
+from .errors import ForeignDatabaseError, TuningError, UnknownKernelError
 from .model_spec import ModelSpec, with_model_fields
 
 
@@ -76,17 +74,13 @@ def _fast_build(mod, target, _params):
 
 def _export_aarch64(mod) -> str:
     """Boards load a shared object linked here by the cross compiler (no compiler on the board)."""
-    import tempfile
-
     path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
     mod.export_library(path, cc="aarch64-linux-gnu-g++")
     return path
 
 
-def prepare_module(cfg: TuneConfig, log: Callable[[str], None] = print):
+def prepare_module(cfg: TuneConfig):
     """The fused module the build's schedule phase sees (the database is keyed by its kernels)."""
-    import tempfile
-
     from .lower import PHASES, LowerContext, import_onnx
 
     spec = targets.load(cfg.target)
@@ -114,19 +108,18 @@ def _runner(cfg: TuneConfig, spec, log):
         from . import rpc as _rpc
         from ._tvm import PopenPoolExecutor
 
-        host, _, port = cfg.rpc_tracker.rpartition(":")
-        if not host or not port.isdigit() or not cfg.rpc_key:
-            raise TuningError(f"RPC_TRACKER={cfg.rpc_tracker!r} RPC_KEY={cfg.rpc_key!r}: give host:port and "
-                              "the key the board's rpc_server registered with")
         try:   # fail now, not after every candidate has waited for a board that is not there
-            n = _rpc.check_tracker(host, int(port), cfg.rpc_key)
+            if not cfg.rpc_key:
+                raise _rpc.RPCError("give the key the board's rpc_server registered with")
+            host, port = _rpc.parse_address(cfg.rpc_tracker)
+            n = _rpc.check_tracker(host, port, cfg.rpc_key)
         except _rpc.RPCError as e:
             raise TuningError(f"RPC_TRACKER={cfg.rpc_tracker} RPC_KEY={cfg.rpc_key}: {e}") from None
         if n < cfg.rpc_workers:
             log(f"note: {n} server(s) under key {cfg.rpc_key!r}, {cfg.rpc_workers} RPC workers: "
                   "sessions will queue for a free board")
         session_s = 120
-        rpc = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=cfg.rpc_key,
+        rpc = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=cfg.rpc_key,
                                   session_timeout_sec=session_s, session_priority=1)
         # create_session: TVM's tracker request waits forever once the key has no server left (a
         # board dies mid-tune); ours gives up, so the candidate is recorded as failed.
@@ -183,6 +176,10 @@ def _default_candidate(context, target):
     return ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
 
 
+def _forward(name: str):
+    return lambda self, *args: getattr(self.inner, name)(*args)
+
+
 def _stoppable(strategy, state: dict, seed_default=None):
     """A search strategy that proposes no further batch once the time limit has passed (the task
     scheduler then ends each task itself: terminating tasks from a callback trips its checks) and,
@@ -201,11 +198,8 @@ def _stoppable(strategy, state: dict, seed_default=None):
             self.context = context
             self.inner._initialize_with_tune_context(context)
 
-        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
-            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
-
-        def post_tuning(self):
-            self.inner.post_tuning()
+        pre_tuning, post_tuning = _forward("pre_tuning"), _forward("post_tuning")
+        notify_runner_results = _forward("notify_runner_results")
 
         def generate_measure_candidates(self):
             if _time_is_up(state):
@@ -217,9 +211,6 @@ def _stoppable(strategy, state: dict, seed_default=None):
                 if default is not None:
                     cands = [default, *list(cands)[:-1]]
             return cands
-
-        def notify_runner_results(self, measure_candidates, results):
-            self.inner.notify_runner_results(measure_candidates, results)
 
         def clone(self):
             return _stoppable(self.inner.clone(), state, seed_default)
@@ -281,34 +272,23 @@ def _tune_contexts(group, cfg: TuneConfig, target, work_dir: Path, state: dict):
     ctxs, weights = [], []
     with intrinsics:
         for t in group:
-            space, ours = "post-order-apply", False
-            if cfg.space == "ours":
-                fn = schedules.space_fn(t.dispatched[0]["main"], target)
-                if fn is not None:
-                    space, ours = ms.space_generator.ScheduleFn(fn), True
+            fn = schedules.space_fn(t.dispatched[0]["main"], target) if cfg.space == "ours" else None
             _quiet_tvm_console()           # each call configures MetaSchedule's logging again
             c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [t], work_dir=str(work_dir), space=space, seed=cfg.seed,
-                strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
+                [t], work_dir=str(work_dir), space=ms.space_generator.ScheduleFn(fn) if fn else "post-order-apply",
+                seed=cfg.seed, strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
                     population_size=64, init_min_unmeasured=16, genetic_num_iters=2), state,
-                    seed_default=target if ours else None))
+                    seed_default=target if fn else None))
             ctxs += list(c)
             weights += list(w)
     return ctxs, weights
 
 
 def _measured_per_task(db, tasks) -> list[int]:
-    all_recs = db.get_all_tuning_records()
-    counts = []
-    for t in tasks:
-        mod = t.dispatched[0]
-        if not db.has_workload(mod):
-            counts.append(0)
-            continue
-        wl = db.commit_workload(mod)
-        # failed measurements (a board that went away) do not count as done
-        counts.append(sum(1 for r in all_recs if r.workload.same_as(wl) and measured(r.run_secs)))
-    return counts
+    """Measured records per task: failed ones (a board that went away) do not count as done."""
+    recs = [r for r in db.get_all_tuning_records() if measured(r.run_secs)]
+    wls = [db.commit_workload(t.dispatched[0]) if db.has_workload(t.dispatched[0]) else None for t in tasks]
+    return [0 if wl is None else sum(r.workload.same_as(wl) for r in recs) for wl in wls]
 
 
 def _select(tasks, only: list[str]):
@@ -317,10 +297,8 @@ def _select(tasks, only: list[str]):
     names = [t.task_name for t in tasks]
     unknown = [s for s in only if not any(s in n for n in names)]
     if unknown:
-        hints = []
-        for s in unknown:
-            close = difflib.get_close_matches(s, names, n=3, cutoff=0.6)
-            hints.append(f"{s!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        close = {s: difflib.get_close_matches(s, names, n=3, cutoff=0.6) for s in unknown}
+        hints = [f"{s!r}" + (f" (did you mean {', '.join(c)}?)" if c else "") for s, c in close.items()]
         raise UnknownKernelError(f"--only {', '.join(hints)}: no such kernel in this model. Its kernels are: "
                                  f"{', '.join(names)}")
     return [t for t in tasks if any(s in t.task_name for s in only)]
@@ -379,9 +357,7 @@ def tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> Path:
     work_dir = Path(cfg.work_dir) if cfg.work_dir else user_dir(spec.name, cfg.space)
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
-        probe = work_dir / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        tempfile.TemporaryFile(dir=work_dir).close()
     except OSError as e:
         raise TuningError(f"cannot write the tuning database {work_dir} ({e.strerror}); pass "
                           "--database DIR with a folder you can write") from None
@@ -395,10 +371,10 @@ def tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def _tune_locked(cfg: TuneConfig, spec, work_dir: Path, runner, log) -> Path:
-    from ._tvm import TVM_FFI_VERSION, TVM_VERSION, ms
+    from ._tvm import ms
 
     sanitize_database(work_dir, log)
-    spec, target, mod = prepare_module(cfg, log)
+    spec, target, mod = prepare_module(cfg)
     tasks = _select(ms.relax_integration.extract_tasks(mod, target), cfg.only)
     db = open_database(work_dir, log)
     done = _measured_per_task(db, tasks)
@@ -424,13 +400,13 @@ def _tune_locked(cfg: TuneConfig, spec, work_dir: Path, runner, log) -> Path:
     except BaseException as e:
         interrupted = state.get("interrupted") or _is_interrupt(e)
         status = "interrupted" if interrupted else f"failed: {type(e).__name__}"
-        _provenance(work_dir, cfg, spec, budget, state, status, TVM_VERSION, TVM_FFI_VERSION)
-        if interrupted:
+        if not interrupted or isinstance(e, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        entry = _provenance(work_dir, cfg, spec, budget, state, status)
+        if status == "interrupted":
             log(f"interrupted: {state['done']} trials this run, records kept in {work_dir}")
-            if not isinstance(e, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-        raise
-    entry = _provenance(work_dir, cfg, spec, budget, state, status, TVM_VERSION, TVM_FFI_VERSION)
     log(f"{status} in {entry['seconds'] / 60:.1f} min: {state['done']} trials this run, "
         f"{entry['measured_total']} measured records in {work_dir}")
     return work_dir
@@ -449,9 +425,8 @@ def _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state) ->
     for per_task, group in sorted(groups.items(), reverse=True):
         if left <= 0 or _time_is_up(state):
             break
-        _quiet_tvm_console()
         ctxs, weights = _tune_contexts(group, cfg, target, work_dir, state)
-        _quiet_tvm_console()
+        _quiet_tvm_console()                # the last tune context configured MetaSchedule's logging
         state["tasks"] = [{"name": t.task_name, "trials": 0, "failed": 0, "best": None, "budget": per_task}
                           for t in group]
         callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(state)]
@@ -463,7 +438,9 @@ def _run_groups(cfg, spec, target, work_dir, todo, budget, runner, db, state) ->
         left -= state["done"] - before
 
 
-def _provenance(work_dir, cfg: TuneConfig, spec, budget, state, status, tvm_v, ffi_v) -> dict:
+def _provenance(work_dir, cfg: TuneConfig, spec, budget, state, status) -> dict:
+    from ._tvm import TVM_FFI_VERSION, TVM_VERSION
+
     return write_provenance(work_dir, {
         "model": cfg.model.onnx or cfg.model.stem(),
         "space": cfg.space, "target": spec.name,
@@ -477,5 +454,5 @@ def _provenance(work_dir, cfg: TuneConfig, spec, budget, state, status, tvm_v, f
         "only": cfg.only or None,
         "status": status, "trials_done": state["done"],
         "seconds": round(time.time() - state["t0"], 1),
-        "tvm": tvm_v, "tvm_ffi": ffi_v,
+        "tvm": TVM_VERSION, "tvm_ffi": TVM_FFI_VERSION,
     })

@@ -84,7 +84,7 @@ def test_board_killed_mid_tune_records_failures_and_the_tune_finishes(tracker, t
     assert len(recs) == 8, recs
     assert elapsed < 300, elapsed
     # the tracker forgot the dead board
-    assert rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), key) == 0
+    assert rpc.server_ports(rpc.query_tracker(tracker.host, tracker.port), key) == []
 
 
 @pytest.mark.tuning
@@ -123,11 +123,25 @@ def test_query_host_server_and_make_rpc_query(tracker):
     child = server.proc._proc.pid
     server.terminate()
     deadline = time.time() + 10
-    while rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") and time.time() < deadline:
+    while rpc.server_ports(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") and time.time() < deadline:
         time.sleep(0.2)
-    assert rpc.count_servers(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") == 0
+    assert rpc.server_ports(rpc.query_tracker(tracker.host, tracker.port), "host-cpu") == []
     assert subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip() in ("", "Z")
     t0 = time.time()
     with pytest.raises(rpc.RPCError, match="cannot reach"):
         rpc.query_tracker("127.0.0.1", rpc.free_port())
     assert time.time() - t0 < 5                                   # not TVM's 60 s connect retry
+
+
+def test_kill_process_group_takes_the_servers_children_with_it():
+    """An emulated server forks session children; stopping it must not leave them running."""
+    import subprocess
+
+    p = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    child = int(p.stdout.readline())
+    t0 = time.time()
+    rpc.kill_process_group(p, timeout=1.0)                  # sh ignores SIGTERM: SIGKILL ends it
+    assert p.returncode == -9 and time.time() - t0 < 10
+    stat = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip()
+    assert stat[:1] in ("", "Z"), stat                     # gone, or a zombie (ZN under nice)
