@@ -255,10 +255,10 @@ def start_server(tracker, key: str, *, host: str = LOOPBACK, port: int | None = 
     return proc
 
 
-def wait_for_servers(tracker, key: str, count: int = 1, *, ports: Sequence[int] = (),
-                     procs: Sequence[RPCProcess] = (), timeout: float = 120.0) -> dict:
-    """Until the tracker lists ``count`` servers under ``key`` (and ones on each of ``ports``);
-    fails early, with its log, if one of ``procs`` exits. Returns the summary."""
+def wait_for_servers(tracker, key: str, *, ports: Sequence[int], procs: Sequence[RPCProcess] = (),
+                     timeout: float = 120.0) -> dict:
+    """Until the tracker lists servers under ``key`` on each of ``ports``; fails early, with its
+    log, if one of ``procs`` exits. Returns the summary."""
     th, tp = parse_address(tracker)
     deadline, summary = time.monotonic() + timeout, None
     while True:
@@ -268,14 +268,13 @@ def wait_for_servers(tracker, key: str, count: int = 1, *, ports: Sequence[int] 
                                f"registering; its log:\n{pr.log_tail()}")
         try:
             summary = query_tracker(th, tp, timeout=2.0)
-            have = server_ports(summary, key)
-            if len(have) >= count and set(ports) <= set(have):
+            if set(ports) <= set(server_ports(summary, key)):
                 return summary
         except RPCError:
             pass
         if time.monotonic() > deadline:
             logs = "".join(f"\n--- {pr!r}:\n{pr.log_tail(1500)}" for pr in procs)
-            raise RPCError(f"no {count} server(s) under key {key!r} at tracker {th}:{tp} after "
+            raise RPCError(f"no server under key {key!r} on port(s) {list(ports)} at tracker {th}:{tp} after "
                            f"{timeout:g} s; tracker state: {summary}{logs}")
         time.sleep(0.5)
 

@@ -79,11 +79,10 @@ def _export_aarch64(mod) -> str:
     return path
 
 
-def prepare_module(cfg: TuneConfig):
-    """The fused module the build's schedule phase sees (the database is keyed by its kernels)."""
+def prepare_module(cfg: TuneConfig, spec):
+    """(target, the fused module the build's schedule phase sees): the database is keyed by its kernels."""
     from .lower import PHASES, LowerContext, import_onnx
 
-    spec = targets.load(cfg.target)
     with tempfile.TemporaryDirectory() as d:
         prepared = cfg.model.write_onnx(Path(d) / "model.onnx", log=lambda s: None)
     onnx_model, name, shape = prepared.onnx_model, prepared.input_name, prepared.shape
@@ -97,7 +96,7 @@ def prepare_module(cfg: TuneConfig):
         mod = fn(mod, ctx)
     from .kernels import mark_layout_free
     ctx.prepack_weights = True          # both spaces: the builds that apply their records do
-    return spec, target, mark_layout_free(mod, ctx)
+    return target, mark_layout_free(mod, ctx)
 
 
 def _runner(cfg: TuneConfig, spec, log):
@@ -236,13 +235,11 @@ def _progress_callback(state: dict):
     class Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             st = state["tasks"][task_id]
-            for br, rr in zip(builder_results, runner_results):
-                st["trials"] += 1
-                if br.error_msg is None and rr.error_msg is None and rr.run_secs:
-                    t = sum(float(s) for s in rr.run_secs) / len(rr.run_secs)
-                    st["best"] = min(st.get("best") or 1e30, t)
-                else:
-                    st["failed"] += 1
+            means = [sum(map(float, rr.run_secs)) / len(rr.run_secs) for br, rr in zip(builder_results, runner_results)
+                     if br.error_msg is None and rr.error_msg is None and rr.run_secs]
+            st["trials"] += len(runner_results)
+            st["failed"] += len(runner_results) - len(means)
+            st["best"] = min([*means, st["best"]] if st["best"] else means, default=None)
             state["done"] += len(runner_results)
             done, total = state["done"], state["budget"]
             elapsed = time.time() - state["t0"]
@@ -374,15 +371,13 @@ def _tune_locked(cfg: TuneConfig, spec, work_dir: Path, runner, log) -> Path:
     from ._tvm import ms
 
     sanitize_database(work_dir, log)
-    spec, target, mod = prepare_module(cfg)
+    target, mod = prepare_module(cfg, spec)
     tasks = _select(ms.relax_integration.extract_tasks(mod, target), cfg.only)
     db = open_database(work_dir, log)
-    done = _measured_per_task(db, tasks)
-    todo = [(t, max(cfg.trials_per_task - d, 0)) for t, d in zip(tasks, done)]
-    skipped = [t.task_name for t, r in todo if r == 0]
-    if skipped:
-        log(f"{len(skipped)} kernel(s) already tuned to {cfg.trials_per_task} trials: skipped")
-    todo = [(t, r) for t, r in todo if r > 0]
+    todo = [(t, cfg.trials_per_task - d) for t, d in zip(tasks, _measured_per_task(db, tasks))
+            if d < cfg.trials_per_task]
+    if len(todo) < len(tasks):
+        log(f"{len(tasks) - len(todo)} kernel(s) already tuned to {cfg.trials_per_task} trials: skipped")
     budget = min(cfg.max_trials, sum(r for _, r in todo))
     log(f"tuning {len(todo)} of {len(tasks)} kernels for {spec.name} ({cfg.space} space), {budget} trials, "
         f"batches of {cfg.trials_per_iter}, into {work_dir} (TVM's logs: {work_dir / LOGS})")
