@@ -312,7 +312,7 @@ class DeviceCompiler:
         compiling CUDA source modules."""
         from ._tvm import tvm_ffi
 
-        llvm = mod._collect_from_import_tree(lambda m: m.kind == "llvm")
+        llvm = [m for m in _module_tree(mod) if m.kind == "llvm"]
         if not llvm:
             raise CudaCompileError(
                 "packing compiled CUDA code needs an LLVM host module (target host kind 'llvm'); "
@@ -454,10 +454,22 @@ def cuda_payloads(obj) -> list[CudaPayload]:
     if isinstance(obj, (str, os.PathLike)):
         return [_describe(p) for p in _file_cuda_payloads(Path(obj))]
     mod = getattr(obj, "mod", obj)
-    if not hasattr(mod, "_collect_from_import_tree"):
+    if not hasattr(mod, "imports"):
         raise TypeError(f"expected an Executable, a runtime Module or a path, got {type(obj)!r}")
-    cuda_mods = mod._collect_from_import_tree(lambda m: m.kind == "cuda")
+    cuda_mods = [m for m in _module_tree(mod) if m.kind == "cuda"]
     return [_describe(p) for m in cuda_mods for p in _blob_cuda(_pack(m))]
+
+
+def _module_tree(mod) -> list:
+    """`mod` and every module it imports, depth first (public `imports` only: the walk TVM's
+    export_library does is a private method)."""
+    out, todo = [], [mod]
+    while todo:
+        m = todo.pop()
+        if m not in out:            # a module imported twice is one module (objects compare by handle)
+            out.append(m)
+            todo += list(m.imports)
+    return out
 
 
 def module_binary_format(obj) -> str:
