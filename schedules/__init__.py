@@ -9,6 +9,8 @@ A new rule is one class in this folder, added to RULES.
 """
 from __future__ import annotations
 
+from mbn_codegen._tvm import Schedule
+
 from .analysis import analyze
 from .common import Rule, conv_info, simd
 from .dense import Dense
@@ -22,21 +24,18 @@ __all__ = ["RULES", "Rule", "analyze", "conv_info", "simd", "match", "default_sc
            "apply_default", "space_fn"]
 
 
-def _match(func) -> tuple[Rule | None, dict | None]:
-    info = analyze(func)
-    return next((r for r in RULES if info is not None and r.matches(info)), None), info
-
-
 def match(func) -> Rule | None:
-    return _match(func)[0]
+    info = analyze(func)
+    return next((r for r in RULES if info is not None and r.matches(info)), None)
 
 
 def default_schedule(func, target) -> tuple[object, str] | None:
     """`func` at our default knobs: (scheduled PrimFunc, design space name), or None."""
-    rule, info = _match(func)
+    rule = match(func)
     if rule is None:
         return None
-    sch, name = rule.default(func, info, target)
+    sch = Schedule(func)
+    name = rule.apply_default(sch, target)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
 
 
@@ -44,11 +43,10 @@ def apply_default(sch, target) -> bool:
     """Our default knobs applied to `sch` (a Schedule of one kernel's module): the same trace as
     the design space's with every decision fixed, so tuning can measure it as a candidate and
     evolve from it. False when no rule matches."""
-    rule, info = _match(sch.mod["main"])
-    if rule is None:
-        return False
-    rule.apply_default(sch, info, target)
-    return True
+    rule = match(sch.mod["main"])
+    if rule is not None:
+        rule.apply_default(sch, target)
+    return rule is not None
 
 
 def space_fn(func, target):

@@ -33,11 +33,8 @@ def conv_stride(b, layout: str = "nhwc") -> tuple[int, int]:
     variable in the index of the 4-D input it reads."""
     iy, ix = (1, 2) if layout == "nhwc" else (2, 3)
     yv, xv = b.iter_vars[iy].var, b.iter_vars[ix].var
-    best = (1, 1)
-    for r in b.reads:
-        if len(r.region) == 4:
-            best = max(best, (_coefficient(r.region[iy].min, yv), _coefficient(r.region[ix].min, xv)))
-    return best
+    return max([(1, 1)] + [(_coefficient(r.region[iy].min, yv), _coefficient(r.region[ix].min, xv))
+                           for r in b.reads if len(r.region) == 4])
 
 
 def _coefficient(e, var) -> int:

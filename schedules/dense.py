@@ -7,25 +7,20 @@ latency, 4 cycles, every step), and tasks over n are spread across cores.
 """
 from __future__ import annotations
 
-from .common import (OneSpaceRule, cpu_epilogue, cuda_accumulate, cuda_prologue, fuse_epilogue, lanes_for,
-                     largest_divisor, tile)
+from .common import OneSpaceRule, cpu_finish, cuda_accumulate, cuda_threads, lanes_for, prologue, split_by, tile
 
 RULE = "mbn_dense"
 
 
 def cpu_knobs(info: dict, lanes: int, _registers: int) -> dict:
-    v = lanes_for(info["n"], lanes)
-    vecs = info["n"] // v
-    n_in = largest_divisor(vecs, 4)
-    kc = largest_divisor(info["k"], 64)
-    return {"n": [vecs // n_in, n_in], "k": [info["k"] // kc, kc]}
+    vecs = info["n"] // lanes_for(info["n"], lanes)
+    return {"n": split_by(vecs, 4), "k": split_by(info["k"], 64)}
 
 
 def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     """Knobs: n (vectors per task), k (reduction blocking)."""
     k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)
-    out = fuse_epilogue(sch, block)
+    out = prologue(sch, block, RULE, inline_padding=False)
     i0, n, kk = sch.get_loops(block)
     v = lanes_for(int(sch.get(n).extent), lanes)
     no, nv = sch.split(n, [None, v])
@@ -33,39 +28,23 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     k0, k1 = tile(sch, kk, 2, 64, k.get("k"))
     sch.reorder(i0, n0, k0, k1, n1, nv)
     sch.parallel(n0)
-    if out is not None:
-        sch.reverse_compute_at(out, n0, preserve_unit_loops=True)
-    sch.vectorize(nv)
-    sch.unroll(n1)
-    sch.decompose_reduction(block, k0)
-    cpu_epilogue(sch, out, v)
+    cpu_finish(sch, block, out, n0, nv, [n1], k0, v)
 
 
 def cuda_knobs(info: dict) -> dict:
-    t = largest_divisor(info["n"], 256)
-    return {"n": [info["n"] // t, t]}
+    return {"n": split_by(info["n"], 256)}
 
 
 def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     """A thread per output; consecutive threads read consecutive n of a weight row (coalesced)."""
-    k = knobs or {}
-    out = cuda_prologue(sch, block, RULE)
+    out = prologue(sch, block, RULE)
     i0, n, kk = sch.get_loops(block)
-    b, t = tile(sch, sch.fuse(i0, n), 2, 512, k.get("n"))
-    sch.bind(b, "blockIdx.x")
-    sch.bind(t, "threadIdx.x")
+    t = cuda_threads(sch, sch.fuse(i0, n), (knobs or {}).get("n"))
     cuda_accumulate(sch, block, out, t, kk)
 
 
 class Dense(OneSpaceRule):
     """The classifier's matrix-vector product, weights [K, N]."""
     name = RULE
+    kinds = ("dense",)
     vector_axis = "n"
-
-    def matches(self, info: dict) -> bool:
-        return info["kind"] == "dense"
-
-    schedule_cpu = staticmethod(schedule_cpu)
-    schedule_cuda = staticmethod(schedule_cuda)
-    cpu_knobs = staticmethod(cpu_knobs)
-    cuda_knobs = staticmethod(cuda_knobs)

@@ -65,22 +65,21 @@ runs, shared machine): 112->56 0.152/0.117 -> 0.127/0.112 ms, 56->28 0.076/0.059
 """
 from __future__ import annotations
 
-from .common import (OneSpaceRule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, lanes_for,
-                     largest_divisor, tile)
+from itertools import product
+from math import prod
+from operator import itemgetter
+
+from .common import (OneSpaceRule, cpu_conv_prologue, cpu_finish, cuda_accumulate, cuda_threads, divisors,
+                     lanes_for, prologue, split_by, tile, tile_knobs)
 
 RULE = "mbn_depthwise"
-
-
 CHAINS = 8                 # FMA latency x pipes: independent accumulators needed to keep the FMA pipes busy
 
 
 def live_inputs(y_in: int, x_in: int, f_in: int, stride: int) -> int:
-    """Input vectors a tile holds in registers at once, with the taps unrolled tap row by tap row
-    (per f-vector and tile row, a row of taps sweeps s * (x_in - 1) + 3 columns; the middle tap
-    reads x_in of them while, at stride 2, the x_in - 1 columns shared with the next output wait
-    for the third tap: s * (x_in - 1) + 1 live). At stride 1 the next tap row re-reads its rows
-    at once (LLVM reloads them), so one tile row's worth is live; at stride 2 the shared input
-    row comes back two tap rows later, so every tile row's worth is. Stride 3 shares nothing."""
+    """Input vectors a tile holds in registers at once, its taps unrolled tap row by tap row (see
+    Registers above): per f-vector and tile row s * (x_in - 1) + 1, for every tile row at stride 2
+    and one at stride 1; stride 3 shares nothing (x_in)."""
     rows = y_in if stride == 2 else 1
     cols = stride * (x_in - 1) + 1 if stride <= 2 else x_in
     return f_in * rows * cols
@@ -91,51 +90,34 @@ def loads_per_output(y_in: int, x_in: int, stride: int) -> float:
 
 
 def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int, stride: int = 1) -> tuple[int, int, int]:
-    """(y_in, x_in, f_in): output pixels (rows x along a row) x vectors of channels in registers.
-    The tile fits the register file: accumulators + `live_inputs` + the tap weight <= registers,
-    and at most registers / 2 accumulators. Among those, in order:
+    """(y_in, x_in, f_in): output pixels (rows x along a row) x vectors of channels in registers,
+    fitting them (see Registers above) with at most registers / 2 accumulators. Among those:
     1. the most accumulators: each chains 9 dependent FMAs, and FMA latency x pipes needs >= 8
        chains in flight (Zen 3);
     2. a pixel's f_in vectors closest to one 64-byte cache line (2 x 2 x 2 beat 2 x 4 x 1 by 11
        points at 56x56, 1 x 4 x 2 by 8);
-    3. the fewest input vectors loaded per output, (s(y_in - 1) + 3)(s(x_in - 1) + 3) / (y_in x_in);
+    3. the fewest input vectors loaded per output (`loads_per_output`);
     4. the squarer pixel block.
-    Stride 2: when a one-row tile of CHAINS accumulators fits (32 registers: 8 + 15 + 1), one
-    output row, the fewest loads first (the longest row), then the most accumulators; otherwise
-    (16 registers) the order above, then the fewer live inputs."""
-    fits = []
-    for y_in in (d for d in range(1, min(y, 4) + 1) if y % d == 0):
-        for x_in in (d for d in range(1, min(x, 8) + 1) if x % d == 0):
-            for f_in in (d for d in range(1, min(f_vecs, 4) + 1) if f_vecs % d == 0):
-                acc = y_in * x_in * f_in
-                if acc <= registers // 2 and acc + live_inputs(y_in, x_in, f_in, stride) + 1 <= registers:
-                    fits.append((y_in, x_in, f_in))
+    Stride 2: when a one-row tile of CHAINS accumulators fits, one output row, the fewest loads
+    first; otherwise the order above, then the fewer live inputs."""
+    fits = [t for t in product(divisors(y, 4), divisors(x, 8), divisors(f_vecs, 4))
+            if prod(t) <= registers // 2 and prod(t) + live_inputs(*t, stride) + 1 <= registers]
 
-    def acc(t):
-        return t[0] * t[1] * t[2]
-
-    def line(t):
-        return -abs(t[2] * lanes * 4 - 64)
-
-    def loads(t):
-        return -loads_per_output(t[0], t[1], stride)
-
-    def square(t):
-        return -abs(t[0] - t[1])
+    def key(t):
+        return prod(t), -abs(t[2] * lanes * 4 - 64), -loads_per_output(t[0], t[1], stride), -abs(t[0] - t[1])
 
     if stride == 1:
-        return max(fits, key=lambda t: (acc(t), line(t), loads(t), square(t)), default=(1, 1, 1))
-    if CHAINS + live_inputs(1, CHAINS, 1, stride) + 1 <= registers and any(t[0] == 1 for t in fits):
-        return max((t for t in fits if t[0] == 1), key=lambda t: (loads(t), acc(t), line(t), square(t)))
-    return max(fits, key=lambda t: (acc(t), line(t), loads(t), square(t), -live_inputs(*t, stride)),
-               default=(1, 1, 1))
+        return max(fits, key=key, default=(1, 1, 1))
+    rows = [t for t in fits if t[0] == 1]
+    if CHAINS + live_inputs(1, CHAINS, 1, stride) + 1 <= registers and rows:
+        loads_first = itemgetter(2, 0, 1, 3)
+        return max(rows, key=lambda t: loads_first(key(t)))
+    return max(fits, key=lambda t: (*key(t), -live_inputs(*t, stride)), default=(1, 1, 1))
 
 
 def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
-    f_vecs = info["f"] // v
-    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v, info["stride"])
-    return {"y": [info["y"] // y_in, y_in], "x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in]}
+    return tile_knobs(info, v, register_tile(info["y"], info["x"], info["f"] // v, registers, v, info["stride"]))
 
 
 def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
@@ -146,19 +128,11 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     y0, y1 = tile(sch, y, 2, 4, k.get("y"))
     sch.reorder(n, y0, x0, f0, rc, ry, rx, f1, y1, x1, fv)
     sch.parallel(sch.fuse(n, y0, x0))          # 7x7: 7 row blocks left a second thread idle
-    if out is not None:
-        sch.reverse_compute_at(out, f0, preserve_unit_loops=True)
-    sch.vectorize(fv)
-    for loop in (x1, y1, f1, rx, ry):          # the tile and its 9 taps, straight-line
-        sch.unroll(loop)
-    sch.decompose_reduction(block, rc)
-    cpu_epilogue(sch, out, v)
+    cpu_finish(sch, block, out, f0, fv, (x1, y1, f1, rx, ry), rc, v)        # the tile and its 9 taps unrolled
 
 
 def cuda_knobs(info: dict) -> dict:
-    total = info["n"] * info["y"] * info["x"] * info["f"]
-    t = largest_divisor(total, 256)
-    return {"t": [total // t, t]}
+    return {"t": split_by(info["n"] * info["y"] * info["x"] * info["f"], 256)}
 
 
 def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
@@ -166,13 +140,9 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     of a pixel (coalesced in NHWC) and the 3x3 weights (HWIO, channels contiguous). The 9-tap
     reduction is unrolled in registers and the bias+ReLU epilogue is computed before the single
     store. Knob: t (threads per block)."""
-    k = knobs or {}
-    out = cuda_prologue(sch, block, RULE)
+    out = prologue(sch, block, RULE)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
-    s = sch.fuse(n, y, x, f)
-    b, t = tile(sch, s, 2, 512, k.get("t"))
-    sch.bind(b, "blockIdx.x")
-    sch.bind(t, "threadIdx.x")
+    t = cuda_threads(sch, sch.fuse(n, y, x, f), (knobs or {}).get("t"))
     sch.unroll(ry)
     sch.unroll(rx)
     cuda_accumulate(sch, block, out, t, ry)
@@ -181,11 +151,4 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
 class Depthwise(OneSpaceRule):
     """3x3 depthwise convolutions (one filter per channel), NHWC."""
     name = RULE
-
-    def matches(self, info: dict) -> bool:
-        return info.get("layout") == "NHWC" and info["kind"] == "depthwise"
-
-    schedule_cpu = staticmethod(schedule_cpu)
-    schedule_cuda = staticmethod(schedule_cuda)
-    cpu_knobs = staticmethod(cpu_knobs)
-    cuda_knobs = staticmethod(cuda_knobs)
+    kinds = ("depthwise",)

@@ -17,47 +17,35 @@ from __future__ import annotations
 from mbn_codegen._tvm import tirx
 
 from .analysis import global_pool_shape
-from .common import OneSpaceRule, cpu_epilogue, fuse_epilogue, lanes_for, largest_divisor, tile
+from .common import (OneSpaceRule, attach, cpu_finish, cuda_accumulate, cuda_threads, lanes_for, prologue,
+                     split_by, tile)
 
 RULE = "mbn_global_pool"
 PARALLEL_MIN_READS = 1 << 16
 
 
-def pool_shape(sch, block) -> tuple[int, int] | None:
-    """(pixels, channels) of a global pool (see analysis.global_pool_shape); None otherwise."""
-    return global_pool_shape(sch.get(block))
-
-
 def _spatial_loops(sch, block) -> tuple[list, list]:
     loops = sch.get_loops(block)
-    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-    n_spatial = len(kinds) - sum(k == tirx.IterVar.CommReduce for k in kinds)
+    n_spatial = sum(iv.iter_type != tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
     return loops[:n_spatial], loops[n_spatial:]
 
 
 def cpu_knobs(info: dict, lanes: int, _registers: int) -> dict:
     c = info.get("c")
-    if c is None:
-        return {}
-    v = lanes_for(c, lanes)
-    vecs = c // v
-    c_in = largest_divisor(vecs, 4)
-    return {"c": [vecs // c_in, c_in]}
+    return {} if c is None else {"c": split_by(c // lanes_for(c, lanes), 4)}
 
 
 def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     """Knob: c (vectors of channels per register tile)."""
     k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)
-    out = fuse_epilogue(sch, block)
-    shape = pool_shape(sch, block)
+    out = prologue(sch, block, RULE, inline_padding=False)
+    shape = global_pool_shape(sch.get(block))
     if shape is None:
         spatial, _ = _spatial_loops(sch, block)
         if spatial:
             outer = sch.fuse(*spatial)
             sch.parallel(outer)
-            if out is not None:
-                sch.reverse_compute_at(out, outer, preserve_unit_loops=True)
+            attach(sch, out, outer)
         return
     pixels, c = shape
     n, one_y, one_x, f, ry, rx = sch.get_loops(block)
@@ -67,52 +55,31 @@ def schedule_cpu(sch, block, lanes: int, knobs: dict | None = None) -> None:
     sch.reorder(n, one_y, one_x, f0, ry, rx, f1, fv)
     if pixels * c >= PARALLEL_MIN_READS:
         sch.parallel(f0)
-    if out is not None:
-        sch.reverse_compute_at(out, f0, preserve_unit_loops=True)
-    sch.vectorize(fv)
-    sch.unroll(f1)
-    sch.decompose_reduction(block, ry)
-    cpu_epilogue(sch, out, v)
+    cpu_finish(sch, block, out, f0, fv, [f1], ry, v)
 
 
 def cuda_knobs(info: dict) -> dict:
     c = info.get("c")
-    if c is None:
-        return {}
-    t = largest_divisor(c, 256)
-    return {"t": [c // t, t]}
+    return {} if c is None else {"t": split_by(c, 256)}
 
 
 def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     """One thread per output channel (a warp reads 32 consecutive channels of a pixel:
     coalesced in NHWC), summing the pixels in a register. Knob: t (threads per block)."""
-    k = knobs or {}
-    sch.annotate(block, "mbn_schedule", RULE)
-    out = fuse_epilogue(sch, block)
+    out = prologue(sch, block, RULE, inline_padding=False)
     spatial, reduce = _spatial_loops(sch, block)
     s = sch.fuse(*spatial) if spatial else sch.add_unit_loop(block)
-    if pool_shape(sch, block) is not None:
-        b, t = tile(sch, s, 2, 512, k.get("t"))
+    if global_pool_shape(sch.get(block)) is not None:
+        t = cuda_threads(sch, s, (knobs or {}).get("t"))
     else:
-        b, t = sch.split(s, [None, 64 if int(sch.get(s).extent) >= 64 else int(sch.get(s).extent)])
-    sch.bind(b, "blockIdx.x")
-    sch.bind(t, "threadIdx.x")
-    sch.set_scope(block, 0, "local")
-    if out is not None:
-        sch.reverse_compute_at(out, t, preserve_unit_loops=True)
-    if reduce:
-        sch.decompose_reduction(block, reduce[0])
+        b, t = sch.split(s, [None, min(64, int(sch.get(s).extent))])
+        sch.bind(b, "blockIdx.x")
+        sch.bind(t, "threadIdx.x")
+    cuda_accumulate(sch, block, out, t, reduce[0])      # a reduction has a reduction loop
 
 
 class GlobalPool(OneSpaceRule):
     """Reductions; global average pooling over H, W in NHWC gets a vectorised register tile."""
     name = RULE
+    kinds = ("reduction",)
     vector_axis = "c"
-
-    def matches(self, info: dict) -> bool:
-        return info["kind"] == "reduction"
-
-    schedule_cpu = staticmethod(schedule_cpu)
-    schedule_cuda = staticmethod(schedule_cuda)
-    cpu_knobs = staticmethod(cpu_knobs)
-    cuda_knobs = staticmethod(cuda_knobs)

@@ -28,8 +28,11 @@ ONNX Runtime on a busy machine, two runs: median ratio 1.103 -> 1.062 and 1.055 
 """
 from __future__ import annotations
 
-from .common import (Rule, cpu_conv_prologue, cpu_epilogue, cuda_accumulate, cuda_prologue, is_cuda, lanes_for,
-                     largest_divisor, simd, tile)
+from itertools import product
+from math import prod
+
+from .common import (Rule, attach, cpu_conv_prologue, cpu_finish, cuda_accumulate, divisors, is_cuda, lanes_for,
+                     prologue, simd, split_by, tile, tile_knobs)
 
 RULE = "mbn_pointwise"
 L2_SHARE = 256 * 1024
@@ -48,21 +51,13 @@ def register_tile(y: int, x: int, f_vecs: int, registers: int, lanes: int) -> tu
        14x14, 28x28, 56x56 layers at 90-95% of the FMA peak where 1 x 2 x 4 / 1 x 4 x 2 (same
        loads per FMA) ran at 78-85% (Zen 3, 1 thread, one interleaved run);
     4. the squarer pixel block."""
-    best, key = (1, 1, 1), None
-    ys = [d for d in range(1, min(y, 4) + 1) if y % d == 0]
-    xs = [d for d in range(1, min(x, 8) + 1) if x % d == 0]
-    fs = [d for d in range(1, min(f_vecs, 4) + 1) if f_vecs % d == 0]
-    for y_in in ys:
-        for x_in in xs:
-            for f_in in fs:
-                px = y_in * x_in
-                acc = px * f_in
-                if acc + f_in + 1 > registers - (1 if y_in > 1 else 0) or px > 8:
-                    continue
-                k = (acc >= 8, -(px + f_in) / acc, -abs(f_in * lanes * 4 - 64), acc, -abs(y_in - x_in))
-                if key is None or k > key:
-                    best, key = (y_in, x_in, f_in), k
-    return best
+    def key(t):
+        px, acc = t[0] * t[1], prod(t)
+        return acc >= 8, -(px + t[2]) / acc, -abs(t[2] * lanes * 4 - 64), acc, -abs(t[0] - t[1])
+
+    fits = [t for t in product(divisors(y, 4), divisors(x, 8), divisors(f_vecs, 4))
+            if prod(t) + t[2] + 1 <= registers - (1 if t[0] > 1 else 0) and t[0] * t[1] <= 8]
+    return max(fits, key=key, default=(1, 1, 1))
 
 
 def loop_order(rc: int, f: int) -> int:
@@ -75,37 +70,29 @@ def loop_order(rc: int, f: int) -> int:
 
 def column_padding(y: int, x: int, f: int, rc: int, lanes: int, registers: int, max_cost: float = 0.15) -> int:
     """Columns of zeros to add on the right of a pointwise layer's input (its output is sliced back)
-    so that the register tile reaches 8 accumulators, or 0. AVX2's 16 registers and 7x7 maps: 7
-    is prime, the best tile is 7 x 1 (7 accumulators; `reduction_chains` makes 14 of them, still
-    one weight vector per 7 broadcasts); padded to 7 x 8 it is 1 x 4 x 2. At most `max_cost` more
-    work (7 -> 8 is 14%). Zen 3, 1 thread, 7x7x1024->1024, per call interleaved with ONNX
+    so that the register tile reaches 8 accumulators, or 0 (7x7 on AVX2, see above; two chains
+    still load one weight vector per 7 broadcasts). At most `max_cost` more work (7 -> 8 is 14%). Zen 3, 1 thread, 7x7x1024->1024, per call interleaved with ONNX
     Runtime's Conv kernel (its profiler's time, without its layout reorders), on a busy machine:
     1.42x -> 1.25-1.28x its time (2 chains -> padded). NEON and AVX-512 (32 registers) fit 7 x 2.
     Only layers that take loop order 1 (weights over L2_SHARE, the 7x7 layers of v1, v2 and v3
     large): under order 0 the sliced epilogue's bounds test lands on the parallel loop and TVM's
     weight prepacking (RewriteLayout) rejects the kernel (v3 small's 14x14x96->40)."""
     v = lanes_for(f, lanes)
-    if loop_order(rc, f) == 0 or _accumulators(register_tile(y, x, f // v, registers, v)) >= 8:
+    if loop_order(rc, f) == 0 or prod(register_tile(y, x, f // v, registers, v)) >= 8:
         return 0
     for pad in range(1, int(x * max_cost) + 1):
-        if _accumulators(register_tile(y, x + pad, f // v, registers, v)) >= 8:
+        if prod(register_tile(y, x + pad, f // v, registers, v)) >= 8:
             return pad
     return 0
 
 
-def _accumulators(t: tuple[int, int, int]) -> int:
-    return t[0] * t[1] * t[2]
-
-
 def cpu_knobs(info: dict, lanes: int, registers: int) -> dict:
     v = lanes_for(info["f"], lanes)
-    f_vecs = info["f"] // v
-    y_in, x_in, f_in = register_tile(info["y"], info["x"], f_vecs, registers, v)
-    kc = largest_divisor(info["rc"], 64)
-    order = loop_order(info["rc"], info["f"])
-    chains = reduction_chains(y_in * x_in * f_in, f_in, info["rc"], registers)
-    return {"y": [info["y"] // y_in, y_in], "x": [info["x"] // x_in, x_in], "f": [f_vecs // f_in, f_in],
-            "rc": [info["rc"] // kc, kc // chains], "order": order, "chains": chains}
+    t = register_tile(info["y"], info["x"], info["f"] // v, registers, v)
+    rc0, kc = split_by(info["rc"], 64)
+    chains = reduction_chains(prod(t), t[2], info["rc"], registers)
+    return {**tile_knobs(info, v, t), "rc": [rc0, kc // chains], "order": loop_order(info["rc"], info["f"]),
+            "chains": chains}
 
 
 def reduction_chains(acc: int, f_in: int, rc: int, registers: int) -> int:
@@ -140,7 +127,7 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None, 
     outer = [n, y0, x0, f0] if order == 0 else [n, f0, y0, x0]
     inner = [rc0, ry, rx, rc1] + ([rc2] if chains > 1 else []) + [y1, x1, f1, fv]
     sch.reorder(*outer, *inner)
-    total = block
+    total = None
     if chains > 1:
         block = sch.rfactor(rc2, 0)             # the partial sums; `total` adds them up
         outer, inner = sch.get_loops(block)[:4], sch.get_loops(block)[4:]
@@ -148,29 +135,14 @@ def schedule_cpu(sch, block, lanes: int, order: int, knobs: dict | None = None, 
         total = sch.get_consumers(block)[0]
     sch.parallel(sch.fuse(*outer[:3]))          # before the epilogue joins this loop nest
     if chains > 1:
-        sch.reverse_compute_at(total, outer[-1], preserve_unit_loops=True)
+        attach(sch, total, outer[-1])
         sch.unroll(rc2)
-    if out is not None:
-        sch.reverse_compute_at(out, outer[-1], preserve_unit_loops=True)
-    sch.vectorize(fv)
-    sch.unroll(f1)          # the register tile: unrolled so its accumulators become registers
-    sch.unroll(x1)
-    sch.unroll(y1)
-    sch.decompose_reduction(block, rc0)          # the init copies the vectorize/unroll above
-    if chains > 1:
-        cpu_epilogue(sch, total, v)
-    cpu_epilogue(sch, out, v)
+    cpu_finish(sch, block, out, outer[-1], fv, (f1, x1, y1), rc0, v, total)
 
 
 def cuda_knobs(info: dict) -> dict:
-    s = info["n"] * info["y"] * info["x"]
-    s_t = largest_divisor(s, 16)
-    f_t = largest_divisor(info["f"], 16)
-    s_i = largest_divisor(s // s_t, 2)
-    f_i = largest_divisor(info["f"] // f_t, 4)
-    kc = largest_divisor(info["rc"], 16)
-    return {"s": [s // s_t // s_i, s_t, s_i], "f": [info["f"] // f_t // f_i, f_t, f_i],
-            "rc": [info["rc"] // kc, kc]}
+    return {"s": split_by(info["n"] * info["y"] * info["x"], 16, 2), "f": split_by(info["f"], 16, 4),
+            "rc": split_by(info["rc"], 16)}
 
 
 def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
@@ -179,7 +151,7 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     reads (HWIO: channels contiguous) and output writes coalesce. Knobs: s, f (block/thread/inner
     tiles), rc (reduction step)."""
     k = knobs or {}
-    out = cuda_prologue(sch, block, RULE)
+    out = prologue(sch, block, RULE)
     n, y, x, f, ry, rx, rc = sch.get_loops(block)
     s = sch.fuse(n, y, x)
     s0, s1, s2 = tile(sch, s, 3, 4, k.get("s"))
@@ -195,18 +167,16 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
 class Pointwise(Rule):
     """1x1 convolutions and the dense 3x3 stem, NHWC."""
     name = RULE
-
-    def matches(self, info: dict) -> bool:
-        return info.get("layout") == "NHWC" and info["kind"] in ("pointwise", "conv")
+    kinds = ("pointwise", "conv")
 
     def spaces(self, info: dict, target) -> list:
         if is_cuda(target):
             return [(f"{RULE}_cuda", schedule_cuda)]
         lanes, v = simd(target)[0], self.vector_width(info, target)
-        chains = (1, cpu_knobs(info, *simd(target))["chains"])
+        chains = {1, cpu_knobs(info, *simd(target))["chains"]}
         return [(f"{RULE}_v{v}_o{o}" + (f"_c{c}" if c > 1 else ""),
                  (lambda o, c: lambda sch, b, k: schedule_cpu(sch, b, lanes, o, k, c))(o, c))
-                for c in sorted(set(chains)) for o in ORDERS]
+                for c in sorted(chains) for o in ORDERS]
 
     def default_knobs(self, info: dict, target) -> tuple[int, dict]:
         if is_cuda(target):
