@@ -43,8 +43,7 @@ def _coefficient(e, var) -> int:
     if isinstance(e, tirx.Cast):
         return _coefficient(e.value, var)
     if isinstance(e, (tirx.Add, tirx.Sub)):
-        a, b = _coefficient(e.a, var), _coefficient(e.b, var)
-        return a + b if isinstance(e, tirx.Add) else a - b
+        return _coefficient(e.a, var) + (1 if isinstance(e, tirx.Add) else -1) * _coefficient(e.b, var)
     if isinstance(e, tirx.Mul):
         for v, c in ((e.a, e.b), (e.b, e.a)):
             if isinstance(c, tirx.IntImm):

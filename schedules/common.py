@@ -184,10 +184,8 @@ def attach(sch, out, loop) -> None:
 
 
 def cpu_finish(sch, block, out, at, fv, unrolled, init_at, v: int, partial_sums=None) -> None:
-    """The shared end of our CPU schedules: the epilogue computed under `at`, the vector loop
-    vectorised, the register tile unrolled so its accumulators become registers, the init
-    hoisted above `init_at` (it copies the vectorize/unroll), and the blocks that sum the
-    partial sums (if any) and the epilogue vectorised along the output channels."""
+    """The shared end of our CPU schedules. The register tile is unrolled so its accumulators
+    become registers; the init, hoisted above `init_at`, copies the vectorize/unroll."""
     attach(sch, out, at)
     sch.vectorize(fv)
     for loop in unrolled:

@@ -31,7 +31,7 @@ from __future__ import annotations
 from itertools import product
 from math import prod
 
-from .common import (Rule, attach, cpu_conv_prologue, cpu_finish, cuda_accumulate, divisors, is_cuda, lanes_for,
+from .common import (OneSpaceRule, attach, cpu_conv_prologue, cpu_finish, cuda_accumulate, divisors, is_cuda, lanes_for,
                      prologue, simd, split_by, tile, tile_knobs)
 
 RULE = "mbn_pointwise"
@@ -164,14 +164,15 @@ def schedule_cuda(sch, block, knobs: dict | None = None) -> None:
     cuda_accumulate(sch, block, out, tx, rc0)
 
 
-class Pointwise(Rule):
-    """1x1 convolutions and the dense 3x3 stem, NHWC."""
+class Pointwise(OneSpaceRule):
+    """1x1 convolutions and the dense 3x3 stem, NHWC; on CPUs a design space per loop order and
+    per number of reduction chains."""
     name = RULE
     kinds = ("pointwise", "conv")
 
     def spaces(self, info: dict, target) -> list:
         if is_cuda(target):
-            return [(f"{RULE}_cuda", schedule_cuda)]
+            return super().spaces(info, target)
         lanes, v = simd(target)[0], self.vector_width(info, target)
         chains = {1, cpu_knobs(info, *simd(target))["chains"]}
         return [(f"{RULE}_v{v}_o{o}" + (f"_c{c}" if c > 1 else ""),
@@ -179,7 +180,5 @@ class Pointwise(Rule):
                 for c in sorted(chains) for o in ORDERS]
 
     def default_knobs(self, info: dict, target) -> tuple[int, dict]:
-        if is_cuda(target):
-            return 0, cuda_knobs(info)
-        k = cpu_knobs(info, *simd(target))
-        return k["order"] + (len(ORDERS) if k["chains"] > 1 else 0), k
+        i, k = super().default_knobs(info, target)
+        return (i, k) if is_cuda(target) else (k["order"] + (len(ORDERS) if k["chains"] > 1 else 0), k)
