@@ -8,11 +8,14 @@ libtvm_runtime.so, loaded directly (no `import tvm`, so no compiler, and no torc
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import platform
+import shutil
+import tempfile
 import threading
 import warnings
 import weakref
@@ -29,31 +32,18 @@ _POOLED_ALLOCATOR = 2
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 
-def _runtime_lib_dir() -> Path:
+@functools.cache
+def _load_runtime_lib(name: str) -> None:
     spec = importlib.util.find_spec("tvm")      # locates the wheel without importing it
     if spec is None or spec.origin is None:
         raise ArtifactError("the TVM runtime is not installed: pip install apache-tvm==0.27.0.post1 "
                             "apache-tvm-ffi==0.1.14.post0")
-    return Path(spec.origin).parent / "lib"
-
-
-_loaded: set[str] = set()
-
-
-def _load_runtime(device: str):
-    import tvm_ffi
-
-    libs = ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if device == "cuda" else [])
-    for name in libs:
-        if name not in _loaded:
-            path = _runtime_lib_dir() / name
-            try:
-                ctypes.CDLL(str(path), ctypes.RTLD_GLOBAL)   # same file as `import tvm` loads: no-op then
-            except OSError as e:
-                hint = " (CUDA artifacts need the NVIDIA driver's libcuda.so.1)" if "cuda" in name else ""
-                raise ArtifactError(f"cannot load the TVM runtime {path}: {e}{hint}") from None
-            _loaded.add(name)
-    return tvm_ffi
+    path = Path(spec.origin).parent / "lib" / name
+    try:
+        ctypes.CDLL(str(path), ctypes.RTLD_GLOBAL)   # same file as `import tvm` loads: no-op then
+    except OSError as e:
+        hint = " (CUDA artifacts need the NVIDIA driver's libcuda.so.1)" if "cuda" in name else ""
+        raise ArtifactError(f"cannot load the TVM runtime {path}: {e}{hint}") from None
 
 
 def machine_arch() -> str:
@@ -107,7 +97,7 @@ def _is_dtype(v) -> bool:
         return False
 
 
-_REQUIRED: tuple[tuple[str, object, str], ...] = (
+_CHECKS: tuple[tuple[str, object, str], ...] = (
     ("format", _is_int, "an integer"),
     ("arch", str, "a string such as 'x86_64'"),
     ("device", lambda v: isinstance(v, str) and v in _DEVICE_TYPE, f"one of {sorted(_DEVICE_TYPE)}"),
@@ -122,43 +112,15 @@ _REQUIRED: tuple[tuple[str, object, str], ...] = (
     ("output.shape", _is_shape, "a list of positive integers"),
     ("reference.input", str, "a .npy file name"),
     ("reference.output", str, "a .npy file name"),
-)
-_OPTIONAL: tuple[tuple[str, object, str], ...] = (
     ("labels_file", lambda v: v is None or (isinstance(v, str) and v != ""), "a file name or null"),
     ("nan_semantics", lambda v: v is None or v in _NAN_SEMANTICS, f"one of {list(_NAN_SEMANTICS)}"),
 )
-
-
-def validate_manifest(manifest, where: str | os.PathLike = MANIFEST) -> dict:
-    """Check the keys and types the runtime reads, so that a damaged manifest is an ArtifactError
-    naming the key instead of a KeyError or TypeError somewhere later."""
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{where} holds a JSON {type(manifest).__name__}, not an object with the "
-                            f"artifact's description: {_REBUILD}")
-    for required, table in ((True, _REQUIRED), (False, _OPTIONAL)):
-        for key, check, want in table:
-            node, parts = manifest, key.split(".")
-            for i, part in enumerate(parts):
-                if not isinstance(node, dict):
-                    raise ArtifactError(f"{where}: {'.'.join(parts[:i])!r} should be an object, got "
-                                        f"{json.dumps(node)[:60]}: {_REBUILD}")
-                if part not in node:
-                    if not required:
-                        break
-                    missing = ".".join(parts[:i + 1])
-                    what = want if missing == key else f"an object with {key!r}"
-                    raise ArtifactError(f"{where} lacks the key {missing!r} ({what}): the manifest is "
-                                        f"incomplete or from another mbn-codegen version; {_REBUILD}")
-                node = node[part]
-            else:
-                ok = isinstance(node, check) if isinstance(check, type) else check(node)
-                if not ok:
-                    raise ArtifactError(f"{where}: {key!r} is {json.dumps(node)[:60]}, expected {want}: "
-                                        f"{_REBUILD}")
-    return manifest
+_OPTIONAL = {"labels_file", "nan_semantics"}    # absent reads as null
 
 
 def read_manifest(artifact_dir: str | os.PathLike) -> dict:
+    """The artifact's manifest, its keys and types checked: a damaged one is an ArtifactError
+    naming the key instead of a KeyError or TypeError somewhere later."""
     p = Path(artifact_dir) / MANIFEST
     if not p.is_file():
         raise ArtifactError(f"{artifact_dir} is not an artifact directory (no {MANIFEST}); "
@@ -167,7 +129,24 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
         manifest = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{p} is not valid JSON ({e}); {_REBUILD}") from None
-    return validate_manifest(manifest, p)
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{p} holds a JSON {type(manifest).__name__}, not an object with the "
+                            f"artifact's description: {_REBUILD}")
+    for key, check, want in _CHECKS:
+        node, parts = manifest, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict):
+                raise ArtifactError(f"{p}: {'.'.join(parts[:i])!r} should be an object, got "
+                                    f"{json.dumps(node)[:60]}: {_REBUILD}")
+            if part not in node and key not in _OPTIONAL:
+                missing = ".".join(parts[:i + 1])
+                what = want if missing == key else f"an object with {key!r}"
+                raise ArtifactError(f"{p} lacks the key {missing!r} ({what}): the manifest is "
+                                    f"incomplete or from another mbn-codegen version; {_REBUILD}")
+            node = node.get(part)
+        if not (isinstance(node, check) if isinstance(check, type) else check(node)):
+            raise ArtifactError(f"{p}: {key!r} is {json.dumps(node)[:60]}, expected {want}: {_REBUILD}")
+    return manifest
 
 
 def check_machine(manifest: dict) -> None:
@@ -190,10 +169,10 @@ def check_machine(manifest: dict) -> None:
 class _Library:
     """One dlopen'ed artifact library with its deserialized executable (weights included),
     shared by every Model loaded from the same file while any of them is alive."""
-    __slots__ = ("module", "path", "__weakref__")
+    __slots__ = ("module", "__weakref__")
 
-    def __init__(self, module, path: str):
-        self.module, self.path = module, path
+    def __init__(self, module):
+        self.module = module
 
 
 _libraries: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -204,36 +183,17 @@ def _mapped_inodes(path: str) -> set[int] | None:
     """Inodes under which `path` is mapped in this process ('(deleted)' once the file was
     replaced); None where /proc is unreadable."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    found = set()
-    for line in maps.splitlines():
-        f = line.split(maxsplit=5)
-        if len(f) == 6 and f[5].removesuffix(" (deleted)") == path:
-            found.add(int(f[4]))
-    return found
-
-
-def _dlopen(ffi, path: str, st: os.stat_result, stale: bool):
-    """dlopen returns the already-loaded library for a path it has seen, even if the file was
-    rebuilt since. A stale path is loaded from a private copy, deleted right after dlopen
-    (the mapping keeps the data), so reloads leave no files behind."""
-    mapped = _mapped_inodes(path)
-    if not stale and (mapped is None or mapped <= {st.st_ino}):
-        return ffi.load_module(path, keep_module_alive=False)
-    import shutil
-    import tempfile
-    tmp = tempfile.mkdtemp(prefix="mbn-")
-    try:
-        copy = os.path.join(tmp, "lib.so")
-        shutil.copyfile(path, copy)
-        return ffi.load_module(copy, keep_module_alive=False)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    fields = (line.split(maxsplit=5) for line in maps)
+    return {int(f[4]) for f in fields if len(f) == 6 and f[5].removesuffix(" (deleted)") == path}
 
 
 def _open_library(ffi, lib: Path, digest: str) -> _Library:
+    """dlopen returns the already-loaded library for a path it has seen, even if the file was
+    rebuilt since. A stale path is loaded from a private copy, deleted right after dlopen
+    (the mapping keeps the data), so reloads leave no files behind."""
     # keep_module_alive=False: tvm_ffi's default pins every loaded module (its weights too) for
     # the life of the process, 1.8 MiB per load() of the smallest artifact.
     path = str(lib.resolve())
@@ -242,13 +202,18 @@ def _open_library(ffi, lib: Path, digest: str) -> _Library:
     with _libraries_lock:
         entry = _libraries.get(key)
         if entry is None:
-            stale = any(k[0] == path for k in _libraries.keys())
+            mapped = _mapped_inodes(path)
+            stale = any(k[0] == path for k in _libraries.keys()) or not (mapped is None or mapped <= {st.st_ino})
             try:
-                module = _dlopen(ffi, path, st, stale)
+                if not stale:
+                    module = ffi.load_module(path, keep_module_alive=False)
+                else:
+                    with tempfile.TemporaryDirectory(prefix="mbn-", ignore_cleanup_errors=True) as tmp:
+                        module = ffi.load_module(shutil.copy(path, tmp), keep_module_alive=False)
             except Exception as e:      # tvm_ffi raises RuntimeError/OSError subclasses
                 raise ArtifactError(f"cannot load {lib}: {e}. If the temp folder is mounted noexec, "
                                     "point TMPDIR at one that is not; otherwise rebuild the artifact") from None
-            entry = _libraries[key] = _Library(module, path)
+            entry = _libraries[key] = _Library(module)
         return entry
 
 
@@ -267,9 +232,9 @@ def _aligned(x: np.ndarray, alignment: int = 64) -> np.ndarray:
 
 def _nonfinite_report(x: np.ndarray) -> str | None:
     """None when every value is finite, else how many are not and where the first ones are."""
-    if x.dtype.kind not in "fc" or np.isfinite(x).all():
+    bad = ~np.isfinite(x) if x.dtype.kind in "fc" else None
+    if bad is None or not bad.any():
         return None
-    bad = ~np.isfinite(x)
     n, nan, pinf = int(bad.sum()), int(np.isnan(x).sum()), int(np.isposinf(x).sum())
     first = [tuple(int(i) for i in idx) for idx in np.argwhere(bad)[:3]]
     where = ", ".join(str(f) for f in first) + (", ..." if n > len(first) else "")
@@ -320,7 +285,11 @@ class Model:
         self.check_finite = (self.nan_semantics != "propagate") if check_finite is None else bool(check_finite)
         self._warned_nonfinite = False
         self.labels = self._read_labels()
-        self._ffi = _load_runtime(self.device)
+        import tvm_ffi
+
+        for name in ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if self.device == "cuda" else []):
+            _load_runtime_lib(name)
+        self._ffi = tvm_ffi
         self._dev = self._ffi.device(self.device, device_id)
         self._lib = _open_library(self._ffi, lib, m["library"]["sha256"])
         self._vm = self._lib.module["vm_load_executable"]()
@@ -384,9 +353,6 @@ class Model:
                       "Build with NaN-preserving activations for ONNX's NaN propagation (warned once "
                       "per Model)", NonFiniteInputWarning, stacklevel=3)
 
-    def __call__(self, x: np.ndarray, check_finite: bool | None = None) -> np.ndarray:
-        return self.run(x, check_finite=check_finite)
-
     def run(self, x: np.ndarray, check_finite: bool | None = None) -> np.ndarray:
         """Logits for input x. check_finite: None follows the Model's setting (see the class)."""
         x = self.check_input(x)
@@ -408,6 +374,8 @@ class Model:
             return host
         with self._lock:
             return np.from_dlpack(self._main(t)).copy()
+
+    __call__ = run
 
     def _check_k(self, k) -> int:
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_classes:
@@ -452,15 +420,13 @@ class Model:
         not used. `margin` is the worst error / tolerance of the two bounds: below 1 passes.
         """
         x, want = self._reference_array("input"), self._reference_array("output")
-        ref = self.manifest["reference"]
-        if x.shape != self.input_shape or x.dtype != self.input_dtype or not np.isfinite(x).all():
-            raise ArtifactError(f"{self.dir / ref['input']} holds a {x.dtype} {x.shape} array"
-                                f"{'' if np.isfinite(x).all() else ' with NaN/Inf'}, the model takes finite "
-                                f"{self.input_dtype} {self.input_shape}: copy the artifact again, or rebuild it")
-        if want.shape != self.output_shape or not np.isfinite(want).all():
-            raise ArtifactError(f"{self.dir / ref['output']} holds a {want.shape} array"
-                                f"{'' if np.isfinite(want).all() else ' with NaN/Inf'}, the model outputs "
-                                f"finite {self.output_shape}: copy the artifact again, or rebuild it")
+        for key, a, dtype, shape in (("input", x, self.input_dtype, self.input_shape),
+                                     ("output", want, want.dtype, self.output_shape)):    # any float output
+            finite = bool(np.isfinite(a).all())
+            if a.shape != shape or a.dtype != dtype or not finite:
+                raise ArtifactError(f"{self.dir / self.manifest['reference'][key]} holds a {a.dtype} {a.shape} "
+                                    f"array{'' if finite else ' with NaN/Inf'}, the model's {key} is finite "
+                                    f"{dtype} {shape}: copy the artifact again, or rebuild it")
         got = self.run(x, check_finite=False).astype(np.float64)
         want = want.astype(np.float64)
         rtol = 1e-3 if rtol is None else float(rtol)

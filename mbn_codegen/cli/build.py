@@ -5,12 +5,9 @@ from .common import add_model_args, model_spec
 
 def add_parser(sub) -> None:
     p = sub.add_parser("build", help="compile a MobileNet (or an ONNX file) into an artifact directory")
-    add_model_args(p, resolution_default=None,
-                   resolution_help="input size (default 224; with --onnx: the file's own, and "
-                   "this fixes a dynamic height/width)")
+    add_model_args(p, onnx=True)
     p.add_argument("--weights", help="a state_dict file, or 'pretrained' (mobilenet_v2: ImageNet); "
                    "default: random weights (for testing)")
-    p.add_argument("--onnx", help="compile this ONNX file instead of a zoo model")
     p.add_argument("--target", default="x86_64", help="a file name in targets/ or a path to a .toml "
                    "(see `mbn-codegen targets`)")
     p.add_argument("--out", help="artifact directory (default artifacts/<model>-<alpha>-<res>-<target>)")
@@ -26,11 +23,9 @@ def add_parser(sub) -> None:
                    "which turn NaN into 0 or 6)")
 
 
-def main(args) -> int:
+def main(args) -> None:
     from ..build import BuildConfig, build
 
-    cfg = BuildConfig(model=model_spec(args), target=args.target, out=args.out, dump_ir=args.dump_ir,
+    build(BuildConfig(model=model_spec(args), target=args.target, out=args.out, dump_ir=args.dump_ir,
                       database=args.database, use_shipped_database=not args.no_database,
-                      schedules=args.schedules, propagate_nan=args.propagate_nan)
-    build(cfg)
-    return 0
+                      schedules=args.schedules, propagate_nan=args.propagate_nan))

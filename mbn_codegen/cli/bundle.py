@@ -11,8 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument("--wheel", help="mbn-codegen wheel to ship (default: built from this source checkout)")
 
 
-def main(args) -> int:
+def main(args) -> None:
     from ..bundle import bundle
 
     bundle(args.artifact, python=args.python, out=args.out, wheel=args.wheel)
-    return 0

@@ -27,10 +27,17 @@ def resolution(s: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser, resolution_default: int | None = 224,
-                   resolution_help: str = "input size (default 224)") -> None:
-    from ..models import DEFAULT_MODEL, names
+                   resolution_help: str = "input size (default 224)", zoo: bool = True, onnx: bool = False) -> None:
+    """--model (with zoo), --alpha, --resolution, --num-classes; onnx=True adds --onnx, and the
+    resolution then defaults to the file's own."""
+    if zoo:
+        from ..models import DEFAULT_MODEL, names
 
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=names())
+        p.add_argument("--model", default=DEFAULT_MODEL, choices=names())
+    if onnx:
+        p.add_argument("--onnx", help="this ONNX file instead of a zoo model")
+        resolution_default = None
+        resolution_help = "input size (default 224; with --onnx: the file's own, and this fixes a dynamic height/width)"
     p.add_argument("--alpha", type=alpha, default=1.0, help="width multiplier (default 1.0)")
     p.add_argument("--resolution", type=resolution, default=resolution_default, help=resolution_help)
     p.add_argument("--num-classes", type=int, default=1000)

@@ -10,11 +10,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="folder for static_report.json/.txt (default: print only)")
 
 
-def main(args) -> int:
+def main(args) -> None:
     from ..asm_report import render, report, write
 
     r = report(args.artifact, mcpu=args.mcpu, clock_ghz=args.clock_ghz)
     print(render(r))
     if args.out:
         print(f"wrote {write(r, args.out)}/static_report.json")
-    return 0

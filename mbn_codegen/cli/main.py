@@ -68,9 +68,8 @@ class _SigintSeen:
     """Ctrl-C as usual (KeyboardInterrupt), but remembered: whatever error it turns into on its
     way through TVM's C++ frames, the command still ends as 'interrupted'."""
 
-    def __init__(self):
-        self.hit = False
-        self._prev = None
+    hit = False
+    _prev = None
 
     def _handler(self, _signum, _frame):
         self.hit = True

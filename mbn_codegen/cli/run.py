@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -20,19 +18,20 @@ def add_parser(sub) -> None:
 
 def main(args) -> int:
     from ..errors import ArchitectureMismatchError
-    from ..runtime import load
+    from ..runtime import load, read_manifest
 
     try:
         model = load(args.artifact)
     except ArchitectureMismatchError as e:
-        if _artifact_arch(args.artifact) != "aarch64" or args.preprocessed:
+        manifest = read_manifest(args.artifact)     # load() read it before checking the machine
+        if manifest["arch"] != "aarch64" or args.preprocessed:
             raise
         from ..emulation import qemu_available
         reason = qemu_available()
         if reason is not None:
             raise ArchitectureMismatchError(f"{e}; or run it here under emulation, which is not set up "
                                             f"({reason})") from None
-        return _run_emulated(args)
+        return _run_emulated(args, manifest["input"]["shape"][-1])
     model._check_k(args.k)                    # before the self-check, so a bad -k fails fast
     r = model.selfcheck()
     print(f"self-check: ok on {r['arch']} ({r['device']}), max |error| vs ONNX Runtime {r['max_abs_err']:.2g} "
@@ -48,14 +47,6 @@ def main(args) -> int:
     return 0
 
 
-def _artifact_arch(artifact: str) -> str | None:
-    from ..runtime import MANIFEST
-    try:
-        return json.loads((Path(artifact) / MANIFEST).read_text()).get("arch")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _preprocess(path: str, resolution: int):
     from ..errors import MbnError
     from ..images import load_image, preprocess
@@ -66,19 +57,16 @@ def _preprocess(path: str, resolution: int):
     return preprocess(img, resolution)
 
 
-def _run_emulated(args) -> int:
+def _run_emulated(args, resolution: int) -> int:
     import numpy as np
 
     from ..emulation import run_python_arm64
-    from ..runtime import MANIFEST
 
     print("note: emulated under qemu-aarch64: timings mean nothing", file=sys.stderr, flush=True)
-    artifact = os.path.abspath(args.artifact)
-    cmd = ["-m", "mbn_codegen.cli.main", "run", artifact, *args.images, "-k", str(args.k)]
+    cmd = ["-m", "mbn_codegen.cli.main", "run", os.path.abspath(args.artifact), *args.images, "-k", str(args.k)]
     with tempfile.TemporaryDirectory(prefix="mbn-run-") as tmp:
         if args.images:
-            res = json.loads((Path(artifact) / MANIFEST).read_text())["input"]["shape"][-1]
             npz = os.path.join(tmp, "inputs.npz")
-            np.savez(npz, **{f"x{i}": _preprocess(p, res) for i, p in enumerate(args.images)})
+            np.savez(npz, **{f"x{i}": _preprocess(p, resolution) for i, p in enumerate(args.images)})
             cmd += ["--preprocessed", npz]
         return run_python_arm64(cmd, capture_output=False, timeout=None).returncode

@@ -8,16 +8,15 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def main(args) -> int:
+def main(args) -> None:
     from .. import targets
 
     specs = targets.all_targets()
     if args.json:
         print(json.dumps([s.to_dict() for s in specs], indent=2))
-        return 0
+        return
     print(f"{'target':<15} {'arch':<8} {'device':<6} {'runs via':<8} {'linker':<22} description")
     for s in specs:
         print(f"{s.name:<15} {s.arch:<8} {s.device:<6} {s.run:<8} {s.cross_compiler or 'host c++':<22} "
               f"{s.description}")
     print(f"\n(files in {targets.HERE}; --target also takes a path to your own .toml)")
-    return 0

@@ -8,10 +8,7 @@ from .common import add_model_args, model_spec
 def add_parser(sub) -> None:
     p = sub.add_parser("tune", help="auto-tune the kernels with MetaSchedule (our schedules as the "
                        "design space), locally or on a board over TVM's RPC tracker")
-    add_model_args(p, resolution_default=None,
-                   resolution_help="input size (default 224; with --onnx: the file's own, and "
-                   "this fixes a dynamic height/width)")
-    p.add_argument("--onnx", help="tune this ONNX file's kernels instead of a zoo model")
+    add_model_args(p, onnx=True)
     p.add_argument("--target", default="x86_64")
     p.add_argument("--space", default="ours", choices=["ours", "generic"],
                    help="ours (default), or TVM's generic space (for comparisons)")
@@ -35,7 +32,7 @@ def add_parser(sub) -> None:
                    help="tune only the kernels whose names contain one of these")
 
 
-def main(args) -> int:
+def main(args) -> None:
     from ..tuning import TuneConfig, tune
 
     for name in ("trials", "trials_per_task", "trials_per_iter", "rpc_workers", "time_limit"):
@@ -48,4 +45,3 @@ def main(args) -> int:
                     time_limit_s=args.time_limit * 60 if args.time_limit else None,
                     rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_workers=args.rpc_workers,
                     only=args.only, wait=args.wait), log=lambda s: print(s, flush=True))
-    return 0
