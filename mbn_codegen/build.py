@@ -5,7 +5,6 @@ a reference input/output pair from ONNX Runtime, and the class labels.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -16,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -52,18 +52,7 @@ class BuildConfig:
 
 def kernel_sources(kernels: list[dict]) -> dict[str, int]:
     """How many kernels each schedule source gave: tuned, ours-default, tvm-stock or dlight."""
-    counts: dict[str, int] = {}
-    for k in kernels:
-        src = k["source"].split(":")[0]
-        counts[src] = counts.get(src, 0) + 1
-    return counts
-
-
-def _protected_paths(cfg: BuildConfig) -> list[tuple[str, Path]]:
-    """What a build reads or writes outside its --out folder, which the swap must not delete."""
-    named = [("the input ONNX file", cfg.model.onnx), ("the weights file", cfg.model.weights),
-             ("the tuning database", cfg.database), ("the --dump-ir folder", cfg.dump_ir)]
-    return [(what, Path(p).resolve()) for what, p in named if p and p != "pretrained"]
+    return dict(Counter(k["source"].split(":")[0] for k in kernels))
 
 
 def _is_our_artifact(d: Path) -> bool:
@@ -71,26 +60,27 @@ def _is_our_artifact(d: Path) -> bool:
         m = json.loads((d / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(m, dict) or "format" not in m:
-        return False
-    return m.get("generator") == GENERATOR or {"library", "target"} <= m.keys()   # or pre-marker
+    return isinstance(m, dict) and "format" in m and (
+        m.get("generator") == GENERATOR or {"library", "target"} <= m.keys())   # or pre-marker
 
 
 def check_out_dir(out: Path, cfg: BuildConfig) -> None:
     """--out gets replaced as a whole, so it must be new, empty, or an artifact of ours, and must
     not hold the working directory or any of the build's inputs."""
     real = out.resolve()
-    suggest = cfg.default_out()
 
     def refuse(why: str):
         raise OutputDirError(f"--out {out} {why}. Pick a new folder for the artifact, e.g. "
-                             f"--out {suggest}")
+                             f"--out {cfg.default_out()}")
 
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         refuse("is the current directory or one of its parents; the build replaces the whole "
                "--out folder, so it never uses one that holds the directory you work in")
-    for what, p in _protected_paths(cfg):
+    # what the build reads or writes outside --out, which the swap must not delete
+    named = [("the input ONNX file", cfg.model.onnx), ("the weights file", cfg.model.weights),
+             ("the tuning database", cfg.database), ("the --dump-ir folder", cfg.dump_ir)]
+    for what, p in [(what, Path(p).resolve()) for what, p in named if p and p != "pretrained"]:
         if p == real or real in p.parents:
             refuse(f"holds {what} ({p}); replacing the folder would delete it")
     if not os.path.lexists(out):
@@ -106,13 +96,13 @@ def check_out_dir(out: Path, cfg: BuildConfig) -> None:
 
 
 class _Interrupts:
-    """SIGINT during a build: raise KeyboardInterrupt at once (and remember it, since TVM may
-    wrap it into its own error or a library may swallow it), or only remember it while the
-    finished artifact is being swapped in."""
+    """The SIGINT handler while a build runs (as a context): raise KeyboardInterrupt at once (and
+    remember it, since TVM may wrap it into its own error or a library may swallow it), or only
+    remember it while the finished artifact is being swapped in."""
 
     def __init__(self):
-        self.hit = False
-        self.defer = False
+        self.hit = self.defer = False
+        self.prev = None
 
     def __call__(self, _signum, _frame):
         self.hit = True
@@ -123,18 +113,15 @@ class _Interrupts:
         if self.hit:
             raise KeyboardInterrupt
 
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            self.prev = signal.signal(signal.SIGINT, self)
+        return self
 
-@contextlib.contextmanager
-def _interrupts():
-    g = _Interrupts()
-    installable = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)
-    prev = signal.signal(signal.SIGINT, g) if installable else None
-    try:
-        yield g
-    finally:
-        if installable:
-            signal.signal(signal.SIGINT, prev)
+    def __exit__(self, *_exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
 
 
 def _swap_in(tmp: Path, out: Path, interrupts: _Interrupts) -> None:
@@ -172,7 +159,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Path:
     check_out_dir(out, cfg)
     target_dir = Path(os.path.abspath(out))
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _interrupts() as interrupts:
+    with _Interrupts() as interrupts:
         tmp = Path(tempfile.mkdtemp(prefix=target_dir.name + ".", suffix=".partial", dir=target_dir.parent))
         try:
             return _build(cfg, spec, cc, out, target_dir, tmp, log, interrupts)
@@ -199,12 +186,9 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
     np.save(tmp / "reference_output.npy", y)
 
     from .database import open_database, select
-    database, db_path = None, select(spec, cfg.database, log=log,
-                                     automatic=cfg.use_shipped_database and cfg.schedules == "ours")
-    if db_path:
-        database = open_database(db_path.path, log, writable=False)
-    target = spec.tvm_target()
-    ctx = LowerContext(target, spec.device, input_name, shape, schedules=cfg.schedules,
+    db_path = select(spec, cfg.database, log=log, automatic=cfg.use_shipped_database and cfg.schedules == "ours")
+    database = open_database(db_path.path, log, writable=False) if db_path else None
+    ctx = LowerContext(spec.tvm_target(), spec.device, input_name, shape, schedules=cfg.schedules,
                        layout=cfg.layout, database=database, propagate_nan=cfg.propagate_nan)
     if spec.device == "cuda":
         from .cuda import kernel_timings, use_cuda_graph
@@ -214,27 +198,23 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
     mod = lower(onnx_model, ctx, dump_ir=cfg.dump_ir, log=log)
     log("compile")
     t0 = time.perf_counter()
+    cc_arg = {"cc": cc} if cc else {}
     if spec.device == "cuda":
-        from .cuda import compile_with_nvcc
+        from .cuda import compile_with_nvcc, cuda_payloads
         with compile_with_nvcc(spec.cuda_arch, toolkit=spec.raw.get("cuda_toolkit"), log=log) as nv:
-            ex = build_module(mod, ctx)
-            nv.export_library(ex, tmp / LIB_FILE, **({"cc": cc} if cc else {}))
+            nv.export_library(build_module(mod, ctx), tmp / LIB_FILE, **cc_arg)
     else:
-        ex = build_module(mod, ctx)
-        ex.export_library(str(tmp / LIB_FILE), cc=cc) if cc else ex.export_library(str(tmp / LIB_FILE))
+        build_module(mod, ctx).export_library(str(tmp / LIB_FILE), **cc_arg)
     compile_s = time.perf_counter() - t0
     gpu = None
     if spec.device == "cuda":
-        from .cuda import cuda_payloads
         pay = cuda_payloads(tmp / LIB_FILE)
         gpu = {"cuda_arch": spec.cuda_arch, "toolkit": nv.toolkit.to_dict(),
                "kernel_formats": sorted({p.format for p in pay}),
                "archs": sorted({a for p in pay for a in p.archs}), "cuda_graph": ctx.cuda_graph}
 
-    labels_file = None
     if (labels := cfg.model.labels_file(y.shape[-1])) is not None:
         shutil.copyfile(labels, tmp / "labels.txt")
-        labels_file = "labels.txt"
     rtol, atol = 1e-3, 1e-3 * max(1.0, float(np.abs(y).max()))
     manifest = {
         "format": 1,
@@ -250,11 +230,11 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
                     "bytes": (tmp / LIB_FILE).stat().st_size},
         "reference": {"input": "reference_input.npy", "output": "reference_output.npy",
                       "oracle": "onnxruntime", "rtol": rtol, "atol": atol},
-        "labels_file": labels_file,
+        "labels_file": None if labels is None else "labels.txt",
         "schedules": cfg.schedules,
         "layout": ctx.layout,
         "nan_semantics": "propagate" if cfg.propagate_nan else "ieee-maxnum",
-        "tuning_database": _db_info(db_path),
+        "tuning_database": db_path.manifest() if db_path else None,
         "kernels": ctx.notes.get("kernels", []),
         "phase_seconds": {**ctx.notes.get("phase_seconds", {}), "compile": compile_s},
         "versions": {"mbn_codegen": __version__, "tvm": TVM_VERSION, "tvm_ffi": TVM_FFI_VERSION,
@@ -271,7 +251,3 @@ def _build(cfg: BuildConfig, spec, cc, out: Path, target_dir: Path, tmp: Path, l
     log(f"wrote {out}/ ({manifest['library']['bytes'] / 1e6:.1f} MB library, {n} kernels, "
         f"{manifest['built']['seconds']:.1f} s)")
     return out
-
-
-def _db_info(selected) -> dict | None:
-    return selected.manifest() if selected else None

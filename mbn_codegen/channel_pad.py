@@ -46,6 +46,29 @@ def _shape(expr) -> list[int] | None:
         return None
 
 
+def _keeps_last_axis(call: relax.Call, ndim: int) -> bool:
+    """A reduction over some axes that leaves the last (channel) axis alone."""
+    axes = [int(a) % ndim for a in (call.attrs.axis or [])]
+    return bool(axes) and ndim - 1 not in axes
+
+
+def conv2d_like(attrs, x, w, **changes):
+    """relax.op.nn.conv2d with the attributes of an existing conv2d call, `changes` replacing some."""
+    keys = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout", "out_layout", "out_dtype")
+    return relax.op.nn.conv2d(x, w, **({k: getattr(attrs, k) for k in keys} | changes))
+
+
+def rewrite_relax(mod: IRModule, *rules) -> IRModule:
+    """Every Relax function of `mod` through dpl.rewrite_call with each (pattern, rewriter) in turn."""
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            for pattern, rewriter in rules:
+                func = dpl.rewrite_call(pattern, rewriter, func)
+            out[gv] = func
+    return out
+
+
 def _needs_padding(func, multiple: int) -> bool:
     found = []
 
@@ -87,29 +110,27 @@ class _Padder:
         # the function's results keep their real channels
         return self.bb.emit_output(self.unpadded(var)) if is_output else var
 
+    def keep(self, call: relax.Call):
+        """`call` as it is, on the real channels of its operands."""
+        return relax.Call(call.op, [self.unpadded(a) for a in call.args], call.attrs, call.ty_args), None
+
     def rewrite(self, call: relax.Call):
         """(new value, real channel count if the result is padded, else None)."""
         name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
         if name == "relax.nn.conv2d":
             return self.conv2d(call)
         args = [self.arg(a) for a in call.args]
-        padded = [a for a in args if isinstance(a, relax.Var) and a in self.real]
-        if not padded:
+        reals = {self.real[a] for a in args if isinstance(a, relax.Var) and a in self.real}
+        if not reals:
             return relax.Call(call.op, args, call.attrs, call.ty_args), None
-        real = self.real[padded[0]]
-        same = all(self.real[a] == real for a in padded)
-        if name in _UNARY and same:
-            return relax.Call(call.op, args, call.attrs, call.ty_args), real
-        if name in _REDUCE and same:
-            ndim = len(_shape(args[0]))
-            axes = [int(a) % ndim for a in (call.attrs.axis or [])]
-            if axes and ndim - 1 not in axes:
+        if len(reals) == 1:
+            real = reals.pop()
+            if name in _BINARY:
+                args = [self.broadcast_operand(a, real, _BINARY[name]) for a in args]
+            if (name in _UNARY or (name in _BINARY and all(a is not None for a in args))
+                    or (name in _REDUCE and _keeps_last_axis(call, len(_shape(args[0]))))):
                 return relax.Call(call.op, args, call.attrs, call.ty_args), real
-        if name in _BINARY and same:
-            new = [self.broadcast_operand(a, real, _BINARY[name]) for a in args]
-            if all(n is not None for n in new):
-                return relax.Call(call.op, new, call.attrs, call.ty_args), real
-        return relax.Call(call.op, [self.unpadded(a) for a in call.args], call.attrs, call.ty_args), None
+        return self.keep(call)
 
     def broadcast_operand(self, a, real: int, neutral: float):
         """An operand of an elementwise op on a padded tensor: padded vars as they are, constants
@@ -130,30 +151,20 @@ class _Padder:
         return a if isinstance(a, relax.PrimValue) else None
 
     def conv2d(self, call: relax.Call):
-        a = call.attrs
-        x = self.arg(call.args[0])
-        w = call.args[1]
+        a, w = call.attrs, call.args[1]
         if a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or not isinstance(w, Constant):
-            return relax.Call(call.op, [self.unpadded(call.args[0]), w], a, call.ty_args), None
+            return self.keep(call)
+        x = self.arg(call.args[0])
         wt = w.value.numpy()                     # (kh, kw, in/groups, out)
-        cin_real = _shape(call.args[0])[-1]
+        cin_real, cout, groups = _shape(call.args[0])[-1], wt.shape[-1], int(a.groups)
         cin = round_up(cin_real, self.multiple) if x in self.real else cin_real
-        cout = wt.shape[-1]
-        groups = int(a.groups)
-        if groups == 1:
-            cout_p = round_up(cout, self.multiple)
-            wt = np.pad(wt, [(0, 0), (0, 0), (0, cin - wt.shape[2]), (0, cout_p - cout)])
-        elif groups == cin_real == cout and wt.shape[2] == 1:       # depthwise, one filter per channel
-            cout_p = round_up(cout, self.multiple)
-            if cin != cout_p:                   # input not padded: pad the depthwise's input too
-                return relax.Call(call.op, [self.unpadded(call.args[0]), w], a, call.ty_args), None
-            wt = np.pad(wt, [(0, 0), (0, 0), (0, 0), (0, cout_p - cout)])
-            groups = cout_p
-        else:                                   # other grouped convolutions mix channel ranges
-            return relax.Call(call.op, [self.unpadded(call.args[0]), w], a, call.ty_args), None
-        new = relax.op.nn.conv2d(x, relax.const(wt), strides=a.strides, padding=a.padding, dilation=a.dilation,
-                                 groups=groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                                 out_layout=a.out_layout, out_dtype=a.out_dtype)
+        cout_p = round_up(cout, self.multiple)
+        depthwise = groups == cin_real == cout and wt.shape[2] == 1      # one filter per channel
+        # other grouped convolutions mix channel ranges; a depthwise on an unpadded input stays so
+        if groups != 1 and not (depthwise and cin == cout_p):
+            return self.keep(call)
+        wt = np.pad(wt, [(0, 0), (0, 0), (0, cin - wt.shape[2] if groups == 1 else 0), (0, cout_p - cout)])
+        new = conv2d_like(a, x, relax.const(wt), groups=1 if groups == 1 else cout_p)
         return new, (cout if cout_p != cout else None)
 
 
@@ -200,12 +211,7 @@ def pad_columns(mod: IRModule, choose) -> IRModule:
         pad = choose(shape[1], shape[2], shape[3], w[2])
         if not pad:
             return expr
-        padded = relax.op.nn.conv2d(expr.args[0], expr.args[1], padding=(0, 0, 0, pad), data_layout="NHWC",
-                                    kernel_layout="HWIO", out_layout=a.out_layout, out_dtype=a.out_dtype)
+        padded = conv2d_like(a, *expr.args, padding=(0, 0, 0, pad))
         return relax.op.strided_slice(padded, axes=[2], begin=[0], end=[shape[2]])
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            out[gv] = dpl.rewrite_call(conv, rewrite, func)
-    return out
+    return rewrite_relax(mod, (conv, rewrite))

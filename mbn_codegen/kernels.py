@@ -1,6 +1,8 @@
 """Which schedule serves each kernel: classification of fused PrimFuncs and the schedule phase."""
 from __future__ import annotations
 
+from collections import Counter
+
 from ._tvm import IRModule, Schedule, dlight, ms, relax, tirx, tvm
 from . import schedules
 from .schedules import analyze
@@ -17,37 +19,21 @@ def _call_tir_sites(mod: IRModule):
                         yield b.value.args[0], b.value.args[1].fields
 
 
-def call_counts(mod: IRModule) -> dict[str, int]:
-    """How many times the model calls each kernel (identical layers share one kernel)."""
-    counts: dict[str, int] = {}
-    for gv, _ in _call_tir_sites(mod):
-        counts[gv.name_hint] = counts.get(gv.name_hint, 0) + 1
-    return counts
-
-
 def _scheduled(f) -> bool:
     return bool((f.attrs or {}).get("tirx.is_scheduled", False))
 
 
-def kernel_table(mod: IRModule) -> list[dict]:
-    rows = []
-    for gv, f in mod.functions.items():
-        if isinstance(f, tirx.PrimFunc):
-            info = analyze(f) or {}
-            rows.append({"name": gv.name_hint, "kind": info.get("kind", "other"), "macs": info.get("macs"),
-                         "scheduled": _scheduled(f)})
-    return sorted(rows, key=lambda r: r["name"])
+def _kernels(mod: IRModule) -> dict:
+    """The module's PrimFuncs by name."""
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
 
 
 def prepacks_weights(ctx) -> bool:
     """CPU kernels read constant weights in a layout packed for their loop order (a GEMM library
     packs its B panel the same way): HWIO's 4 KB row stride in the 1024-channel layers put every
     weight row of the channel loop on another page. The packing runs at compile time."""
-    if ctx.device != "cpu":
-        return False
-    if ctx.prepack_weights is not None:
-        return ctx.prepack_weights
-    return ctx.schedules == "ours" or ctx.database is not None
+    default = ctx.schedules == "ours" or ctx.database is not None
+    return ctx.device == "cpu" and (default if ctx.prepack_weights is None else ctx.prepack_weights)
 
 
 def mark_layout_free(mod: IRModule, ctx) -> IRModule:
@@ -69,16 +55,19 @@ def mark_layout_free(mod: IRModule, ctx) -> IRModule:
 
 
 def apply_schedules(mod: IRModule, ctx) -> IRModule:
+    """The schedule phase: each kernel gets the first of a tuned record from the database, our
+    rule with its default knobs, dlight (CUDA) or TVM's naive loops (CPU)."""
     mod = mark_layout_free(mod, ctx)          # keeps kernel names (those reports show)
-    table = kernel_table(mod)
-    kinds = {r["name"]: r["kind"] for r in table}
-    macs = {r["name"]: r["macs"] for r in table}
-    calls = call_counts(mod)
+    prepack = prepacks_weights(ctx)
+    info = {n: analyze(f) or {} for n, f in _kernels(mod).items()}
+    kinds = {n: i.get("kind", "other") for n, i in info.items()}
+    macs = {n: i.get("macs") for n, i in info.items()}
+    calls = Counter(gv.name_hint for gv, _ in _call_tir_sites(mod))   # identical layers share a kernel
     source: dict[str, str] = {}
     if ctx.database is not None:
         with ctx.target, ctx.database, tvm.transform.PassContext(opt_level=3):
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        source.update({r["name"]: "tuned" for r in kernel_table(mod) if r["scheduled"]})
+        source.update({n: "tuned" for n, f in _kernels(mod).items() if _scheduled(f)})
     if ctx.schedules == "ours":
         choice = ctx.kernel_timings                          # CUDA: ours or dlight, per kernel
         for gv, f in list(mod.functions.items()):
@@ -90,7 +79,7 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
                 r = schedules.default_schedule(f, ctx.target)
                 if r is not None:
                     fn = r[0]
-                    if prepacks_weights(ctx):
+                    if prepack:
                         sch = Schedule(fn)
                         ms.postproc.RewriteLayout().apply(sch)      # what tuning's postproc does
                         fn = sch.mod["main"]
@@ -100,7 +89,7 @@ def apply_schedules(mod: IRModule, ctx) -> IRModule:
         with ctx.target:
             mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                               dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
-    if prepacks_weights(ctx):
+    if prepack:
         # the packing blocks become their own functions on constants, then are folded away
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
         mod = relax.transform.FoldConstant()(mod)

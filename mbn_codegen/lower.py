@@ -14,8 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from ._tvm import Constant, IRModule, Schedule, Target, from_onnx, onnx_frontend, relax, tirx, tvm
+from ._tvm import Constant, IRModule, Schedule, Target, dpl, from_onnx, onnx_frontend, relax, tirx, tvm
+from .channel_pad import conv2d_like, pad_channels, pad_columns, rewrite_relax
 from .errors import LoweringError, MbnError, OnnxModelError
+from .kernels import apply_schedules
+from .schedules import analyze, simd
+from .schedules.pointwise import column_padding
 
 
 @dataclass
@@ -32,10 +36,6 @@ class LowerContext:
     kernel_timings: object | None = None  # CUDA: cuda.KernelChoice, ours or dlight per kernel
     cuda_graph: bool = False           # CUDA: the kernels after the input's are one captured graph
     notes: dict = field(default_factory=dict)   # phases report what they did here
-
-    @property
-    def backend(self):
-        return relax.backend.cuda.pipeline if self.device == "cuda" else relax.backend.cpu_generic.pipeline
 
 
 @contextlib.contextmanager
@@ -76,15 +76,10 @@ def _fold_bn_into_conv(mod: IRModule, _ctx: LowerContext) -> IRModule:
     """conv2d(x, W) -> batch_norm(.., g, b, mean, var)[0]  ==>  conv2d(x, W*s) + (b - mean*s),
     s = g / sqrt(var + eps). Removes the BN from the graph instead of leaving four elementwise
     ops per layer for the fuser."""
-    from ._tvm import dpl
-    is_const, is_op, is_tuple_get_item, rewrite_call, wildcard = (
-        dpl.is_const, dpl.is_op, dpl.is_tuple_get_item, dpl.rewrite_call, dpl.wildcard)
-
-    w = is_const()
-    conv = is_op("relax.nn.conv2d")(wildcard(), w)
-    gamma, beta, mean, var = is_const(), is_const(), is_const(), is_const()
-    bn = is_op("relax.nn.batch_norm")(conv, gamma, beta, mean, var)
-    pattern = is_tuple_get_item(bn, 0)
+    w = dpl.is_const()
+    conv = dpl.is_op("relax.nn.conv2d")(dpl.wildcard(), w)
+    gamma, beta, mean, var = dpl.is_const(), dpl.is_const(), dpl.is_const(), dpl.is_const()
+    bn = dpl.is_op("relax.nn.batch_norm")(conv, gamma, beta, mean, var)
 
     def rewriter(_expr, m):
         conv_call, bn_call = m[conv], m[bn]
@@ -95,33 +90,17 @@ def _fold_bn_into_conv(mod: IRModule, _ctx: LowerContext) -> IRModule:
         wt = m[w].value.numpy()
         new_w = (wt.astype("float64") * s[:, None, None, None]).astype(wt.dtype)
         bias = (b - mu * s).astype(wt.dtype).reshape(1, -1, 1, 1)
-        x = conv_call.args[0]
-        a = conv_call.attrs
-        new_conv = relax.op.nn.conv2d(x, relax.const(new_w), strides=a.strides, padding=a.padding,
-                                      dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
-                                      kernel_layout=a.kernel_layout, out_layout=a.out_layout,
-                                      out_dtype=a.out_dtype)
+        new_conv = conv2d_like(conv_call.attrs, conv_call.args[0], relax.const(new_w))
         return relax.op.add(new_conv, relax.const(bias))
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            out[gv] = rewrite_call(pattern, rewriter, func)
-    return relax.transform.DeadCodeElimination()(out)
+    return relax.transform.DeadCodeElimination()(rewrite_relax(mod, (dpl.is_tuple_get_item(bn, 0), rewriter)))
 
 
 def _decompose(mod: IRModule, _ctx: LowerContext) -> IRModule:
     """BatchNorm not after a conv (and any other training-style op) becomes plain arithmetic, and
-    R.clip with constant bounds (the frontend's HardSwish and HardSigmoid) becomes min/max."""
-    mod = relax.transform.DecomposeOpsForInference()(mod)
-    return relax.transform.FoldConstant()(_clip_to_min_max(mod))
-
-
-def _clip_to_min_max(mod: IRModule) -> IRModule:
-    """ConvertLayout has no rule for R.clip and would wrap every HardSwish/HardSigmoid in
-    NHWC->NCHW->NHWC transposes; minimum/maximum are elementwise ops it converts in place."""
-    from ._tvm import dpl
-
+    R.clip with constant bounds (the frontend's HardSwish and HardSigmoid) becomes min/max:
+    ConvertLayout has no rule for R.clip and would wrap every one in NHWC->NCHW->NHWC transposes;
+    minimum/maximum are elementwise ops it converts in place."""
     x, lo, hi = dpl.wildcard(), dpl.wildcard(), dpl.wildcard()
     clip = dpl.is_op("relax.clip")(x, lo, hi)
 
@@ -137,11 +116,8 @@ def _clip_to_min_max(mod: IRModule) -> IRModule:
             return expr
         return relax.op.minimum(relax.op.maximum(v, relax.const(a, dtype)), relax.const(b, dtype))
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            out[gv] = dpl.rewrite_call(clip, _rewrite, func)
-    return out
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return relax.transform.FoldConstant()(rewrite_relax(mod, (clip, _rewrite)))
 
 
 def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
@@ -153,8 +129,7 @@ def _layout(mod: IRModule, ctx: LowerContext) -> IRModule:
         ctx.layout = "NHWC" if ctx.schedules == "ours" else "NCHW"
     if ctx.layout == "NCHW":
         return mod
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [ctx.layout, "HWIO"]})(mod)
-    return relax.transform.FoldConstant()(mod)
+    return relax.transform.FoldConstant()(relax.transform.ConvertLayout({"relax.nn.conv2d": [ctx.layout, "HWIO"]})(mod))
 
 
 def _pad_channels(mod: IRModule, ctx: LowerContext) -> IRModule:
@@ -165,10 +140,6 @@ def _pad_channels(mod: IRModule, ctx: LowerContext) -> IRModule:
     a full register tile (7x7 maps on AVX2) get zero columns (`column_padding`)."""
     if ctx.layout != "NHWC" or ctx.device != "cpu":
         return mod
-    from .channel_pad import pad_channels, pad_columns
-    from .schedules import simd
-    from .schedules.pointwise import column_padding
-
     lanes, registers = simd(ctx.target)
     mod = pad_channels(mod, min(lanes, 8))
     return pad_columns(mod, lambda y, x, f, c: column_padding(y, x, f, c, lanes, registers))
@@ -191,8 +162,6 @@ def _guard_nan(mod: IRModule) -> IRModule:
     or 6, while ONNX (and ONNX Runtime) pass NaN through. relu(x) and min(max(x, lo), hi) become
     where(isnan(x), x, ...). Done after the layout phase: ConvertLayout has no rule for where and
     would wrap it in transposes."""
-    from ._tvm import dpl
-
     x, lo, hi = dpl.wildcard(), dpl.is_const(), dpl.is_const()
     relu = dpl.is_op("relax.nn.relu")(x)
     clip = dpl.is_op("relax.minimum")(dpl.is_op("relax.maximum")(x, lo), hi)
@@ -207,11 +176,7 @@ def _guard_nan(mod: IRModule) -> IRModule:
         v = m[x]
         return relax.op.where(relax.op.isnan(v), v, relax.op.maximum(relax.op.minimum(v, m[hi]), m[lo]))
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            out[gv] = dpl.rewrite_call(clip, _clip, dpl.rewrite_call(relu, _relu, func))
-    return out
+    return rewrite_relax(mod, (relu, _relu), (clip, _clip))
 
 
 def _merge_branching_epilogues(mod: IRModule) -> IRModule:
@@ -221,8 +186,6 @@ def _merge_branching_epilogues(mod: IRModule) -> IRModule:
     after the conv's nest. Inlining every elementwise block into the output block leaves
     conv -> one epilogue block. Kernels with a linear epilogue are left as they are (the tuning
     databases hold them by their structure)."""
-    from .schedules import analyze
-
     out = IRModule(mod.functions, attrs=mod.attrs)
     for gv, f in mod.functions.items():
         info = analyze(f) if isinstance(f, tirx.PrimFunc) else None
@@ -240,21 +203,12 @@ def _merge_branching_epilogues(mod: IRModule) -> IRModule:
                     seen.add(name)
                     epilogue.append(c)
                     frontier.append(c)
-        branching = any(len(sch.get_consumers(b)) > 1 for b in epilogue) or len(sch.get_consumers(anchor)) > 1
-        if not branching:
+        if not any(len(sch.get_consumers(b)) > 1 for b in [anchor, *epilogue]):
             continue
         for b in epilogue:
             sch.compute_inline(b)
         out[gv] = sch.mod["main"]
     return out
-
-
-def _schedule(mod: IRModule, ctx: LowerContext) -> IRModule:
-    """Each kernel gets the first of: a tuned record from the database, our rule with its
-    default knobs, dlight (CUDA) or TVM's naive loops (CPU)."""
-    from .kernels import apply_schedules
-
-    return apply_schedules(mod, ctx)
 
 
 PHASES: list[tuple[str, Callable[[IRModule, LowerContext], IRModule]]] = [
@@ -263,7 +217,7 @@ PHASES: list[tuple[str, Callable[[IRModule, LowerContext], IRModule]]] = [
     ("layout", _layout),
     ("pad-channels", _pad_channels),
     ("legalize-fuse", _legalize_fuse),
-    ("schedule", _schedule),
+    ("schedule", apply_schedules),
 ]
 
 
@@ -273,22 +227,19 @@ def lower(onnx_model, ctx: LowerContext, dump_ir: str | Path | None = None,
     dump = Path(dump_ir) if dump_ir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
-
-    def _dump(i: int, name: str, mod: IRModule) -> None:
+    seconds = ctx.notes.setdefault("phase_seconds", {})
+    mod = None
+    for i, (name, fn) in enumerate([("import", lambda _mod, c: import_onnx(onnx_model, c)), *PHASES]):
+        t0 = time.perf_counter()
+        try:
+            mod = fn(mod, ctx)
+        except Exception as e:
+            raise phase_error(name, e) from None
+        seconds[name] = time.perf_counter() - t0
+        if log and i:
+            log(f"  phase {name:<15} {seconds[name]:6.2f} s")
         if dump:
             (dump / f"{i:02d}-{name}.py").write_text(mod.script(show_meta=False))
-
-    t0 = time.perf_counter()
-    mod = import_onnx(onnx_model, ctx)
-    ctx.notes.setdefault("phase_seconds", {})["import"] = time.perf_counter() - t0
-    _dump(0, "import", mod)
-    for i, (name, fn) in enumerate(PHASES, start=1):
-        t0 = time.perf_counter()
-        mod = run_phase(name, fn, mod, ctx)
-        ctx.notes["phase_seconds"][name] = time.perf_counter() - t0
-        if log:
-            log(f"  phase {name:<15} {ctx.notes['phase_seconds'][name]:6.2f} s")
-        _dump(i, name, mod)
     return mod
 
 
@@ -318,32 +269,17 @@ def phase_error(phase: str, e: BaseException) -> BaseException:
         "do_constant_folding=True and fixed input shapes) or report it with the ONNX file")
 
 
-def run_phase(name: str, fn: Callable[[IRModule, LowerContext], IRModule], mod: IRModule,
-              ctx: LowerContext) -> IRModule:
-    try:
-        return fn(mod, ctx)
-    except Exception as e:
-        raise phase_error(name, e) from None
-
-
 def build_module(mod: IRModule, ctx: LowerContext):
     """The VM executable: dataflow lowering and finalisation of the already-fused module."""
     try:
-        return _build_module(mod, ctx)
+        backend = relax.backend.cuda.pipeline if ctx.device == "cuda" else relax.backend.cpu_generic.pipeline
+        # relax.build runs the pipeline inside the target's scope
+        pipeline = tvm.transform.Sequential(backend.dataflow_lower_passes(ctx.target)
+                                            + backend.finalize_passes(ctx.target))
+        # RewriteCUDAGraph (in the CUDA finalize passes) does nothing unless asked: it lifts the
+        # kernels on statically planned memory into a function captured once and replayed
+        config = {"relax.backend.use_cuda_graph": ctx.device == "cuda" and ctx.cuda_graph}
+        with tvm.transform.PassContext(opt_level=3, config=config):
+            return tvm.compile(mod, target=ctx.target, relax_pipeline=pipeline)
     except Exception as e:
         raise phase_error("compile", e) from None
-
-
-def _build_module(mod: IRModule, ctx: LowerContext):
-    passes = ctx.backend.dataflow_lower_passes(ctx.target) + ctx.backend.finalize_passes(ctx.target)
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(m, _pc):
-        with ctx.target:
-            return tvm.transform.Sequential(passes)(m)
-
-    # RewriteCUDAGraph (in the CUDA finalize passes) does nothing unless asked: it lifts the
-    # kernels on statically planned memory into a function captured once and replayed
-    config = {"relax.backend.use_cuda_graph": ctx.device == "cuda" and ctx.cuda_graph}
-    with tvm.transform.PassContext(opt_level=3, config=config):
-        return tvm.compile(mod, target=ctx.target, relax_pipeline=_pipeline)

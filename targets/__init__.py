@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mbn_codegen.errors import CrossCompilerMissingError, TargetFileError, UnknownTargetError
 
 HERE = Path(__file__).parent
-ARCHES = ("x86_64", "aarch64")
-DEVICES = ("cpu", "cuda")
-RUNS = ("native", "qemu", "gpu")
+_ALLOWED = {"arch": ("x86_64", "aarch64"), "device": ("cpu", "cuda"), "run": ("native", "qemu", "gpu")}
 KINDS = {"cpu": ("llvm",), "cuda": ("cuda",)}     # the TVM target kind each device compiles with
 _STR_FIELDS = ("description", "cross_compiler", "cross_compiler_package", "cuda_arch", "cuda_toolkit")
 
@@ -40,14 +38,13 @@ class TargetSpec:
 
     def tvm_dict(self) -> dict:
         """The dict that tvm.target.Target accepts; native CPU targets get this machine's cores."""
-        t = dict(self.target)
-        if self.device == "cpu" and self.run == "native" and "num-cores" not in t:
-            t["num-cores"] = os.cpu_count() or 1
+        t, cores = dict(self.target), os.cpu_count() or 1
+        if self.device == "cpu" and self.run == "native":
+            t.setdefault("num-cores", cores)
         if self.host is not None:
-            h = dict(self.host)
-            if self.arch == "x86_64" and "num-cores" not in h:
-                h["num-cores"] = os.cpu_count() or 1
-            t["host"] = h
+            t["host"] = dict(self.host)
+            if self.arch == "x86_64":
+                t["host"].setdefault("num-cores", cores)
         return t
 
     def tvm_target(self):
@@ -98,16 +95,13 @@ def load(name_or_path: str | os.PathLike) -> TargetSpec:
     if missing:
         raise TargetFileError(f"target file {path} lacks {', '.join(missing)}; copy a file from "
                                  f"{HERE} and edit it")
-    for key, allowed in (("arch", ARCHES), ("device", DEVICES), ("run", RUNS)):
+    for key, allowed in _ALLOWED.items():
         if raw[key] not in allowed:
             raise TargetFileError(f"target file {path}: {key}={raw[key]!r}, expected one of {allowed}")
     _check_fields(path, raw)
-    return TargetSpec(name=path.stem, description=raw["description"], arch=raw["arch"],
-                      device=raw["device"], run=raw["run"], target=raw["target"], host=raw.get("host"),
-                      cross_compiler=raw.get("cross_compiler", ""),
-                      cross_compiler_package=raw.get("cross_compiler_package", ""),
-                      cuda_arch=raw.get("cuda_arch", ""),
-                      required_cpu_flags=tuple(raw.get("required_cpu_flags", ())), path=str(path), raw=raw)
+    given = {f.name: raw[f.name] for f in fields(TargetSpec) if f.name in raw}
+    return TargetSpec(**{**given, "required_cpu_flags": tuple(raw.get("required_cpu_flags", ())),
+                         "name": path.stem, "path": str(path), "raw": raw})
 
 
 def _check_fields(path: Path, raw: dict) -> None:

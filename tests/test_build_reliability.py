@@ -178,7 +178,7 @@ def test_interrupt_during_the_swap_puts_the_old_artifact_back(tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)      # lands right after the new one is in place
 
     monkeypatch.setattr(build_mod.os, "rename", rename)
-    with build_mod._interrupts() as interrupts:
+    with build_mod._Interrupts() as interrupts:
         with pytest.raises(KeyboardInterrupt):
             build_mod._swap_in(tmp, out, interrupts)
     assert (out / "lib.so").read_bytes() == b"old"
