@@ -342,7 +342,10 @@ def main(argv=None) -> int:
         if not arts or not reference.is_file():
             print(f"gpu-check: {pre} holds no art-*/ or no {REFERENCE}: make it with --dry-run", file=sys.stderr)
             return 2
-        built = {json.loads((Path(a) / "manifest.json").read_text())["gpu"]["cuda_arch"] for a in arts.values()}
+        mans = [json.loads((Path(a) / "manifest.json").read_text()) for a in arts.values()]
+        built = {m["gpu"]["cuda_arch"] for m in mans}
+        model = mans[0]["model"]         # what was built, not this run's --alpha/--resolution
+        rep.doc["model"] = f"{model['name']} {model['alpha']:g}-{mans[0]['input']['shape'][-1]}"
         rep.doc["notes"].append(f"prebuilt artifacts from {pre} (built for {sorted(map(str, built))}); "
                                 "the gpu-marked tests compile, so they are not run here")
     else:
