@@ -346,7 +346,13 @@ def test_interrupt_wrapped_by_tvm_exits_130(capsys, monkeypatch, exc):
         raise exc
 
     monkeypatch.setattr(build_mod, "build", fake_build)
-    rc, _, err = call(["build", *SMALL], capsys)
+    # the CLI installs its handler only over Python's default one, as a fresh process has it;
+    # an earlier test in this process may have left another
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc, _, err = call(["build", *SMALL], capsys)
+    finally:
+        signal.signal(signal.SIGINT, prev)
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
 
 
