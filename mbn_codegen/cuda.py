@@ -312,7 +312,7 @@ class DeviceCompiler:
         compiling CUDA source modules."""
         from ._tvm import tvm_ffi
 
-        llvm = [m for m in _module_tree(mod) if m.kind == "llvm"]
+        llvm = [m for m in module_tree(mod) if m.kind == "llvm"]
         if not llvm:
             raise CudaCompileError(
                 "packing compiled CUDA code needs an LLVM host module (target host kind 'llvm'); "
@@ -403,11 +403,16 @@ def use_cuda_graph(log=print) -> bool:
     return v == "1"
 
 
+def timings_path(target: str) -> Path:
+    """Where scripts/gpu_check.py writes, and builds for `target` read, the per-kernel GPU times."""
+    from mbn_codegen import targets
+
+    return targets.HERE / "databases" / target / "kernel_timings.json"
+
+
 def kernel_timings(spec, log=print) -> KernelChoice:
     """The KernelChoice for a CUDA build of `spec`: MBN_CUDA_KERNELS=ours|dlight forces one
     side; otherwise GPU timings (written by scripts/gpu_check.py) when measured on its arch."""
-    from mbn_codegen import targets
-
     forced = os.environ.get("MBN_CUDA_KERNELS", "").strip()
     if forced:
         if forced not in ("ours", "dlight"):
@@ -415,8 +420,7 @@ def kernel_timings(spec, log=print) -> KernelChoice:
                                    "(or unset, to pick per kernel from GPU timings)")
         log(f"CUDA kernels: {forced} for every kernel (MBN_CUDA_KERNELS)")
         return KernelChoice({}, forced)
-    path = Path(os.environ.get("MBN_CUDA_KERNEL_TIMINGS") or
-                targets.HERE / "databases" / spec.name / "kernel_timings.json")
+    path = Path(os.environ.get("MBN_CUDA_KERNEL_TIMINGS") or timings_path(spec.name))
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -456,13 +460,14 @@ def cuda_payloads(obj) -> list[CudaPayload]:
     mod = getattr(obj, "mod", obj)
     if not hasattr(mod, "imports"):
         raise TypeError(f"expected an Executable, a runtime Module or a path, got {type(obj)!r}")
-    cuda_mods = [m for m in _module_tree(mod) if m.kind == "cuda"]
+    cuda_mods = [m for m in module_tree(mod) if m.kind == "cuda"]
     return [_describe(p) for m in cuda_mods for p in _blob_cuda(_pack(m))]
 
 
-def _module_tree(mod) -> list:
+def module_tree(mod) -> list:
     """`mod` and every module it imports, depth first (public `imports` only: the walk TVM's
-    export_library does is a private method)."""
+    export_library does is a private method). Needs no TVM compiler: a loaded artifact's tree
+    works with the runtime alone."""
     out, todo = [], [mod]
     while todo:
         m = todo.pop()

@@ -71,8 +71,10 @@ class Report:
 
     def save(self):
         (self.out / "gpu-check.json").write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
+        host = self.doc.get("host") or {}
         lines = [f"# gpu-check {self.doc.get('date')}", "", f"GPU: {self.doc.get('gpu', '?')}, arch "
-                 f"{self.doc.get('arch')}, driver CUDA {self.doc.get('driver_cuda')}", ""]
+                 f"{self.doc.get('arch')}, driver CUDA {self.doc.get('driver_cuda')}", "",
+                 f"Host CPU: {host.get('cpu_model', '?')}, SIMD flags: {' '.join(host.get('simd_flags', []))}", ""]
         lines += ["| step | ok | s | note |", "|---|---|---|---|"]
         for k, v in self.doc["steps"].items():
             note = v.get("error", "") if not v["ok"] else ""
@@ -91,14 +93,14 @@ def build(target: Path, out: Path, env: dict, schedules: str, alpha: float, res:
           model: str = "mobilenet_v1") -> dict:
     """One artifact, with the MBN_CUDA_* variables of `env` set for the build only."""
     from mbn_codegen.build import BuildConfig, build as do_build
+    from mbn_codegen.cuda import timings_path
 
     names = ("MBN_CUDA_KERNELS", "MBN_CUDA_GRAPH", "MBN_CUDA_KERNEL_TIMINGS")
     saved = {k: os.environ.get(k) for k in names}
     for k in names:
         os.environ.pop(k, None)
     # the build looks for timings under the target's name; this target is `cuda` with another arch
-    os.environ["MBN_CUDA_KERNEL_TIMINGS"] = saved["MBN_CUDA_KERNEL_TIMINGS"] or str(
-        ROOT / "targets" / "databases" / "cuda" / "kernel_timings.json")
+    os.environ["MBN_CUDA_KERNEL_TIMINGS"] = saved["MBN_CUDA_KERNEL_TIMINGS"] or str(timings_path("cuda"))
     os.environ.update(env)
     try:
         art = do_build(BuildConfig(model=model, alpha=alpha, resolution=res, target=str(target),
@@ -116,6 +118,13 @@ def build(target: Path, out: Path, env: dict, schedules: str, alpha: float, res:
 REFERENCE = "reference.npz"
 
 
+def tolerance(want) -> dict:
+    """The tests' tolerance for logits: rtol 1e-3, atol 1e-3 of the largest |logit|."""
+    import numpy as np
+
+    return {"rtol": 1e-3, "atol": 1e-3 * float(np.abs(want).max())}
+
+
 def write_reference(art: Path, out: Path, res: int) -> dict:
     """ONNX Runtime's logits (CPU) for three distinct inputs, so that a GPU machine with only the
     runtime can check the artifacts (all variants share the model, hence one reference)."""
@@ -129,10 +138,9 @@ def write_reference(art: Path, out: Path, res: int) -> dict:
     return {"inputs": len(xs), "spread": float(np.abs(ys[0] - ys[1]).max())}
 
 
-def check_against_reference(art: str, ref: Path, rtol: float = 1e-3, atol_frac: float = 1e-3) -> dict:
-    """The artifact on the GPU against ONNX Runtime's logits: the tests' tolerance (rtol 1e-3, atol
-    1e-3 of the largest logit); the outputs must also differ between inputs, or agreement proves
-    nothing."""
+def check_against_reference(art: str, ref: Path) -> dict:
+    """The artifact on the GPU against ONNX Runtime's logits, within `tolerance`; the outputs must
+    also differ between inputs, or agreement proves nothing."""
     import numpy as np
     from mbn_codegen.runtime import load
 
@@ -143,7 +151,7 @@ def check_against_reference(art: str, ref: Path, rtol: float = 1e-3, atol_frac: 
     worst, outs = 0.0, []
     for x, want in zip(d["inputs"], d["outputs"]):
         got = m.run(x)
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol_frac * float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, **tolerance(want))
         worst = max(worst, float(np.abs(got - want).max()))
         outs.append(got)
     spread = float(np.abs(outs[0] - outs[1]).max())
@@ -169,7 +177,7 @@ def two_threads(art: str, ref: Path, calls: int = 20) -> dict:
         try:
             for _ in range(calls):
                 got = m.run(inputs[i])
-                if not np.allclose(got, outputs[i], rtol=1e-3, atol=1e-3 * float(np.abs(outputs[i]).max())):
+                if not np.allclose(got, outputs[i], **tolerance(outputs[i])):
                     bad.append(f"thread {i}: max error {float(np.abs(got - outputs[i]).max()):.3g}")
         except Exception as e:          # noqa: BLE001 - a thread's exception is otherwise only printed
             bad.append(f"thread {i}: {type(e).__name__}: {e}")
@@ -193,12 +201,12 @@ def time_e2e(artifacts: dict, res: int, rounds: int = 7, block: int = 50) -> dic
 
     x = np.random.default_rng(0).standard_normal((1, 3, res, res)).astype("float32")
     model = json.loads((Path(next(iter(artifacts.values()))) / "manifest.json").read_text())["model"]
+    models = {name: load(art) for name, art in artifacts.items()}
     runs = {}
-    for name, art in artifacts.items():
-        m = load(art)
+    for name, m in models.items():
         m.run(x)
         runs[name] = m.run
-    first = load(next(iter(artifacts.values())))
+    first = next(iter(models.values()))
     ffi = first._ffi
     dev_x = ffi.get_global_func("runtime.TVMTensorAllocWithScope")(ffi.Shape(x.shape), ffi.dtype("float32"),
                                                                    first._dev, "global")
@@ -240,7 +248,7 @@ def time_e2e(artifacts: dict, res: int, rounds: int = 7, block: int = 50) -> dic
                 graph.replay()
                 return static_y.cpu().numpy()
             want = torch_run(x)
-            if not np.allclose(torch_graph(x), want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max())):
+            if not np.allclose(torch_graph(x), want, **tolerance(want)):
                 raise AssertionError("the CUDA graph's logits differ from eager PyTorch's")
             runs["pytorch-cudnn-cudagraph"] = torch_graph
     except ImportError:
@@ -262,6 +270,7 @@ def time_kernels(art: str, res: int) -> dict:
     import struct
 
     import numpy as np
+    from mbn_codegen.cuda import module_tree
     from mbn_codegen.runtime import _DEVICE_TYPE, load
 
     m = load(art)         # a Model of its own: a CUDA graph build captures on this first run,
@@ -278,10 +287,7 @@ def time_kernels(art: str, res: int) -> dict:
     symbols = {k["symbol"]: k["name"] for k in m.manifest["kernels"]}
     evaluator = m._ffi.get_global_func("runtime.RPCTimeEvaluator")
     # the evaluator looks the symbol up in the module given, not its imports: find its holder
-    tree, mods = [], [m._lib.module]
-    while mods:
-        tree.append(mods.pop())
-        mods += list(tree[-1].imports)
+    tree = module_tree(m._lib.module)
     out: dict[str, float] = {}
     for sym, args in calls:
         name = symbols.get(sym)
@@ -320,7 +326,10 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{date}")
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out)
+    from mbn_codegen.database import this_cpu
+
     rep.doc.update({"date": date, "arch": arch, "driver_cuda": driver_cuda, "nvidia_smi": smi,
+                    "host": this_cpu(),        # host-to-host times depend on it
                     "gpu": smi.strip().splitlines()[-1] if gpu_arch else None, "dry_run": args.dry_run,
                     "model": f"mobilenet_v1 {args.alpha:g}-{args.resolution}", "notes": []})
     extras: dict[str, str] = {}
@@ -401,10 +410,11 @@ def main(argv=None) -> int:
             ks = {k: {**about.get(k, {}), "ours_ms": ours[k], "dlight_ms": dl[k]} for k in sorted(set(ours) & set(dl))}
             doc = {"arch": arch, "device": rep.doc["gpu"], "date": date, "model": rep.doc["model"], "kernels": ks}
             (out / "kernel_timings.json").write_text(json.dumps(doc, indent=2) + "\n")
-            dest = ROOT / "targets" / "databases" / "cuda"
             if arch == "sm_90":          # the shipped `cuda` target's arch: its builds pick per kernel
-                dest.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out / "kernel_timings.json", dest / "kernel_timings.json")
+                from mbn_codegen.cuda import timings_path
+
+                timings_path("cuda").parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out / "kernel_timings.json", timings_path("cuda"))
             return {"kernels": len(ks), "ours_faster": sum(v["ours_ms"] <= v["dlight_ms"] for v in ks.values())}
         rep.step("per-kernel ours vs dlight", per_kernel)
     rep.save()
